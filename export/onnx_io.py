@@ -1,0 +1,35 @@
+"""Saving ONNX graphs: one file, or one file plus external data once protobuf's 2 GiB limit is near."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+# protobuf refuses messages over 2 GiB; stay clear of it with room for the graph itself
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def save(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Write ``model`` to ``path``; return every file written (the graph first)."""
+    data_name = path.name + ".data"
+    if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        return [path, path.with_name(data_name)]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+def load(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=True)

@@ -1,0 +1,209 @@
+"""The export, end to end: checkpoint -> traced graph -> fused FP32 -> FP16 / INT8 -> validation ->
+manifest. Returns what was built and how close each variant came to the reference."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import EmbedderError
+from runtime.integrity import sha256_file
+from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest, Parity, Source, Variant
+
+from . import graph, onnx_io, optimize, precision, probes
+from .report import Progress, Row
+from .source import ModelSpec
+from .validate import GATES, parity
+
+PRECISION_ORDER = ("fp32", "fp16", "int8")
+FILENAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
+PROVIDER = {"fp32": "CPUExecutionProvider", "fp16": "CUDAExecutionProvider", "int8": "CPUExecutionProvider"}
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class ExportResult:
+    manifest: Manifest | None
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [r.variant for r in self.rows if r.status == "FAIL"]
+
+
+def _entry(root: Path, path: Path) -> FileEntry:
+    return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), size_bytes=path.stat().st_size)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import tokenizers
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "export": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+
+
+def save_tokenizer(tokenizer, max_length: int, path: Path) -> int:
+    """Write the fast tokenizer with the truncation and padding the graph expects; return the pad id."""
+    from tokenizers import Tokenizer
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("the checkpoint has no fast tokenizer; tokenizer.json cannot be written")
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_token = tokenizer.pad_token or "[PAD]"
+    backend.enable_truncation(max_length=max_length)
+    backend.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    backend.save(str(path))
+    return int(pad_id)
+
+
+def _validation_device(name: str) -> str:
+    from runtime.providers import cuda_available
+
+    return "cuda" if name == "fp16" and cuda_available() else "cpu"
+
+
+def run_export(
+    spec: ModelSpec, out: Path, precisions: tuple[str, ...], progress: Progress, stage: Path
+) -> ExportResult:
+    """Build every requested variant into ``stage``; the caller publishes ``stage`` as ``out``."""
+    from .reference import ReferenceEmbedder, load_model, load_tokenizer
+
+    cfg = spec.config
+    layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+    with tempfile.TemporaryDirectory(prefix="bge-export-") as tmp:
+        work = Path(tmp)
+        with progress.step(f"loading {spec.name} and computing reference vectors on {len(probes.PROBES)} probe texts"):
+            model = load_model(spec, attn_implementation="eager")
+            tokenizer = load_tokenizer(spec)
+            reference = ReferenceEmbedder(spec, model=model, tokenizer=tokenizer).embed(list(probes.PROBES))
+        with progress.step("exporting the ONNX graph (pooling and normalisation inside)"):
+            traced = work / "traced.onnx"
+            graph.export_onnx(model, spec.pooling, spec.normalize, traced)
+            del model
+        with progress.step("fusing with onnxruntime's transformer optimizer"):
+            fused, fused_counts = optimize.fuse(traced, heads=heads, hidden=hidden, layers=layers)
+            fp32_files = onnx_io.save(fused, work / FILENAMES["fp32"])
+        built: dict[str, tuple[list[Path], dict[str, Any], dict[str, int]]] = {}
+        if "fp32" in precisions:
+            for f in fp32_files:
+                shutil.copy2(f, stage / f.name)
+            built["fp32"] = ([stage / f.name for f in fp32_files], {"fusions": "onnxruntime.transformers bert"}, fused_counts)
+        if "fp16" in precisions:
+            with progress.step("converting to FP16 (pooling and normalisation kept in FP32)"):
+                m16, info = precision.to_fp16(fused)
+                built["fp16"] = (onnx_io.save(m16, stage / FILENAMES["fp16"]), info, fused_counts)
+                del m16
+        del fused
+        if "int8" in precisions:
+            with progress.step("quantising to INT8 (per-channel weights, dynamic activations)"):
+                dst = stage / FILENAMES["int8"]
+                info = precision.to_int8(fp32_files[0], dst, reduce_range=True)
+                built["int8"] = ([dst], info, fused_counts)
+        pad_id = save_tokenizer(tokenizer, spec.max_length, stage / TOKENIZER_FILE)
+
+    variants = {
+        name: Variant(
+            precision=name,
+            model_file=files[0].name,
+            files=tuple(_entry(stage, f) for f in files),
+            execution_provider=PROVIDER[name],
+            parity=Parity(validated=False, gate_min_cosine=GATES[name]),
+            fused_operators=counts,
+            build=info,
+        )
+        for name, (files, info, counts) in built.items()
+    }
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        source=Source(
+            model=spec.name,
+            revision=spec.revision,
+            local_path=spec.local,
+            random_weights=spec.random_weights,
+            architecture=spec.architecture,
+        ),
+        pooling=spec.pooling,
+        normalize=spec.normalize,
+        max_length=spec.max_length,
+        query_instruction=spec.query_instruction,
+        dimension=int(hidden),
+        input_names=graph.INPUT_NAMES,
+        output_name=graph.OUTPUT_NAME,
+        opset=graph.OPSET,
+        tokenizer=_entry(stage, stage / TOKENIZER_FILE),
+        pad_token_id=pad_id,
+        variants=variants,
+        versions=_versions(),
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    (stage / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+
+    rows, checked = [], {}
+    with progress.step(f"validating {', '.join(variants)} against the PyTorch reference"):
+        for name in variants:
+            row, par = _validate(stage, name, variants[name], reference)
+            rows.append(row)
+            if row.status != "FAIL":
+                checked[name] = replace(variants[name], parity=par)
+            else:
+                for f in variants[name].files:
+                    (stage / f.path).unlink()
+    final = replace(manifest, variants=checked) if checked else None
+    if final is not None:
+        (stage / MANIFEST_NAME).write_text(final.to_json(), encoding="utf-8")
+    else:
+        (stage / MANIFEST_NAME).unlink()
+    return ExportResult(manifest=final, rows=rows)
+
+
+def _validate(stage: Path, name: str, variant: Variant, reference: np.ndarray) -> tuple[Row, Parity]:
+    from runtime import Embedder
+
+    gate = GATES[name]
+    device = _validation_device(name)
+    size = variant.size_bytes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fp16-on-CPU and truncation warnings are expected here
+            emb = Embedder(stage, device=device, precision=name)
+            vectors = emb.embed(list(probes.PROBES), batch_size=8)
+    except (EmbedderError, RuntimeError) as exc:
+        if name != "fp16":
+            raise
+        note = f"not validated: no CUDA, and the CPU provider could not run it ({type(exc).__name__})"
+        par = Parity(validated=False, gate_min_cosine=gate, note=note)
+        return Row(name, variant.model_file, size, None, None, None, gate, note), par
+    fig = parity(vectors, reference)
+    passed = fig.min_cosine >= gate
+    par = Parity(
+        validated=True,
+        min_cosine=fig.min_cosine,
+        mean_cosine=fig.mean_cosine,
+        max_abs_diff=fig.max_abs_diff,
+        n_texts=fig.n_texts,
+        gate_min_cosine=gate,
+        device=device,
+        note="" if device == "cuda" or name != "fp16" else "validated on the CPU provider; intended for CUDA",
+    )
+    status = "pass" if passed else "FAIL"
+    return Row(name, variant.model_file, size, fig.min_cosine, fig.mean_cosine, fig.max_abs_diff, gate, status), par

@@ -1,0 +1,56 @@
+"""Console output of the export: progress of the slow steps on stderr, the final table on stdout."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+class Progress:
+    def __init__(self, total: int, stream=None) -> None:
+        self.total = total
+        self.done = 0
+        self.stream = stream or sys.stderr
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {what} ...", file=self.stream, flush=True)
+        start = time.perf_counter()
+        yield
+        print(f"      done in {time.perf_counter() - start:.1f}s", file=self.stream, flush=True)
+
+    def say(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)
+
+
+@dataclass(frozen=True)
+class Row:
+    variant: str
+    file: str
+    size_bytes: int
+    min_cosine: float | None
+    mean_cosine: float | None
+    max_abs_diff: float | None
+    gate: float
+    status: str  # "pass", "FAIL", "not validated: ..."
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| variant | file | size (MB) | min cosine | mean cosine | max abs diff | gate | status |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.variant} | {r.file} | {r.size_bytes / 1e6:.1f} | {_fmt(r.min_cosine, '.6f')} | "
+            f"{_fmt(r.mean_cosine, '.6f')} | {_fmt(r.max_abs_diff, '.2e')} | >= {r.gate} | {r.status} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Find the checkpoint (hub id, local directory or random architecture) and read what the export
+needs from it: pooling, normalisation, max length and query instruction."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .architectures import ARCHITECTURES, BGE_EN_INSTRUCTION, BGE_ZH_INSTRUCTION, materialise
+from .errors import SourceModelError
+
+_HUB_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A checkpoint on local disk and the embedding recipe that goes with it."""
+
+    name: str
+    path: Path
+    revision: str | None
+    local: bool
+    random_weights: bool
+    pooling: str
+    normalize: bool
+    max_length: int
+    query_instruction: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "model_type": c.get("model_type"),
+            "layers": c.get("num_hidden_layers"),
+            "hidden": c.get("hidden_size"),
+            "heads": c.get("num_attention_heads"),
+            "intermediate": c.get("intermediate_size"),
+            "vocab_size": c.get("vocab_size"),
+            "max_positions": c.get("max_position_embeddings"),
+        }
+
+
+def _read_json(path: Path) -> dict[str, Any] | list[Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceModelError(f"cannot read {path}: {exc}; the checkpoint is damaged") from exc
+
+
+def download(model_id: str, revision: str | None) -> tuple[Path, str | None]:
+    """Fetch only the files the export reads (safetensors, configs, tokenizer) from the hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        path = Path(snapshot_download(repo_id=model_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except (HfHubHTTPError, HFValidationError, OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceModelError(
+            f"could not get '{model_id}' from the Hugging Face hub ({type(exc).__name__}: {first_line}). "
+            "Either the id is wrong, the revision does not exist, or this machine has no network access to "
+            "the hub. Download the checkpoint elsewhere and pass its directory with `--model PATH`, or use "
+            "`--random-init bge-large-zh` for an offline model with random weights (speed tests only)."
+        ) from exc
+    # snapshot directories are named by the commit they hold
+    return path, path.name
+
+
+def detect_pooling(path: Path) -> tuple[str, bool]:
+    """Pooling and normalisation from the sentence-transformers modules, CLS + normalise otherwise (BGE)."""
+    modules = _read_json(path / "modules.json")
+    if not isinstance(modules, list):
+        return "cls", True
+    pooling, normalize = "cls", False
+    for m in modules:
+        kind = str(m.get("type", ""))
+        if kind.endswith("Pooling"):
+            cfg = _read_json(path / m.get("path", "") / "config.json") or {}
+            if cfg.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif cfg.get("pooling_mode_mean_tokens"):
+                pooling = "mean"
+            else:
+                modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+                raise SourceModelError(
+                    f"{path} uses pooling {modes}, which this exporter does not support (cls, mean); "
+                    "pass --pooling cls|mean to override if you know what the model expects"
+                )
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return pooling, normalize
+
+
+def detect_max_length(path: Path, config: dict[str, Any]) -> int:
+    positions = int(config.get("max_position_embeddings", 512))
+    st = _read_json(path / "sentence_bert_config.json")
+    if isinstance(st, dict) and st.get("max_seq_length"):
+        return min(int(st["max_seq_length"]), positions)
+    tok = _read_json(path / "tokenizer_config.json")
+    if isinstance(tok, dict) and isinstance(tok.get("model_max_length"), int) and tok["model_max_length"] < 100_000:
+        return min(int(tok["model_max_length"]), positions)
+    return positions
+
+
+def default_instruction(name: str) -> str:
+    low = name.lower()
+    if "bge" in low and "zh" in low:
+        return BGE_ZH_INSTRUCTION
+    if "bge" in low and "en" in low:
+        return BGE_EN_INSTRUCTION
+    return ""
+
+
+def resolve(
+    model: str,
+    *,
+    revision: str | None = None,
+    random_init: str | None = None,
+    workdir: Path,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    max_length: int | None = None,
+    query_instruction: str | None = None,
+    seed: int = 0,
+) -> ModelSpec:
+    """Turn the CLI's description of a model into a local checkpoint plus its embedding recipe."""
+    if random_init is not None:
+        if random_init not in ARCHITECTURES:
+            raise SourceModelError(f"--random-init must be one of {sorted(ARCHITECTURES)}, got {random_init!r}")
+        path = materialise(random_init, workdir / "random-checkpoint", seed=seed)
+        name, rev, local, random = random_init, None, True, True
+        if query_instruction is None:  # every built-in architecture is a BGE zh one
+            query_instruction = BGE_ZH_INSTRUCTION
+    elif Path(model).expanduser().is_dir():
+        path, name, rev, local, random = Path(model).expanduser().resolve(), model, None, True, False
+    elif Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+        raise SourceModelError(f"--model {model} is not a directory; point it at a Hugging Face checkpoint directory")
+    else:
+        path, rev = download(model, revision)
+        name, local, random = model, False, False
+
+    config = _read_json(path / "config.json")
+    if not isinstance(config, dict):
+        raise SourceModelError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
+    if config.get("model_type") != "bert":
+        raise SourceModelError(
+            f"{name} is a {config.get('model_type')!r} model; this exporter supports BERT encoders (the BGE zh/en "
+            "v1.5 family, MiniLM, ...)"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise SourceModelError(
+            f"{path} has no .safetensors weights; this exporter loads safetensors only (pickled .bin files can run "
+            "code). Convert the checkpoint with `transformers` save_pretrained(safe_serialization=True) first."
+        )
+    det_pooling, det_normalize = detect_pooling(path)
+    limit = int(config.get("max_position_embeddings", 512))
+    length = max_length if max_length is not None else detect_max_length(path, config)
+    if not 2 <= length <= limit:
+        raise SourceModelError(f"--max-length must be between 2 and the model's {limit} positions, got {length}")
+    return ModelSpec(
+        name=name,
+        path=path,
+        revision=rev,
+        local=local,
+        random_weights=random,
+        pooling=pooling or det_pooling,
+        normalize=det_normalize if normalize is None else normalize,
+        max_length=length,
+        query_instruction=default_instruction(name) if query_instruction is None else query_instruction,
+        config=config,
+    )

