@@ -17,7 +17,7 @@ from runtime.errors import EmbedderError
 from runtime.integrity import sha256_file
 from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest, Parity, Source, Variant
 
-from . import graph, onnx_io, optimize, precision, probes
+from . import graph, onnx_io, optimize, precision, probes, quantize
 from .report import Progress, Row
 from .source import ModelSpec
 from .validate import GATES, parity
@@ -76,6 +76,18 @@ def save_tokenizer(tokenizer, max_length: int, path: Path) -> int:
     return int(pad_id)
 
 
+def calibration_feeds(tokenizer_path: Path, max_length: int, pad_id: int, n_texts: int) -> list[dict[str, np.ndarray]]:
+    """Calibration batches tokenised and padded exactly as the runtime will do it."""
+    from runtime.batching import make_batches
+    from runtime.tokenizer import TextTokenizer
+
+    enc = TextTokenizer(tokenizer_path, max_length).encode(quantize.calibration_texts(n_texts))
+    return [
+        {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+        for b in make_batches(enc.ids, enc.lengths, pad_id, batch_size=16, max_batch_tokens=16 * max_length)
+    ]
+
+
 def _validation_device(name: str) -> str:
     from runtime.providers import cuda_available
 
@@ -103,6 +115,7 @@ def run_export(
         with progress.step("fusing with onnxruntime's transformer optimizer"):
             fused, fused_counts = optimize.fuse(traced, heads=heads, hidden=hidden, layers=layers)
             fp32_files = onnx_io.save(fused, work / FILENAMES["fp32"])
+        pad_id = save_tokenizer(tokenizer, spec.max_length, stage / TOKENIZER_FILE)
         built: dict[str, tuple[list[Path], dict[str, Any], dict[str, int]]] = {}
         if "fp32" in precisions:
             for f in fp32_files:
@@ -115,11 +128,13 @@ def run_export(
                 del m16
         del fused
         if "int8" in precisions:
-            with progress.step("quantising to INT8 (per-channel weights, dynamic activations)"):
+            with progress.step("quantising to INT8 (calibrate, smooth, sensitivity pass, per-channel weights)"):
                 dst = stage / FILENAMES["int8"]
-                info = precision.to_int8(fp32_files[0], dst, reduce_range=True)
+                opts = quantize.Int8Options()
+                feeds = calibration_feeds(stage / TOKENIZER_FILE, spec.max_length, pad_id, opts.calibration_texts)
+                info = quantize.quantize_int8(fp32_files[0], dst, feeds, opts)
                 built["int8"] = ([dst], info, fused_counts)
-        pad_id = save_tokenizer(tokenizer, spec.max_length, stage / TOKENIZER_FILE)
+                progress.say(f"      kept in float32 after the sensitivity pass: {info['float32_nodes'] or 'none'}")
 
     variants = {
         name: Variant(

@@ -1,8 +1,7 @@
-"""The reduced-precision variants: FP16 for CUDA, INT8 for CPUs."""
+"""The FP16 variant for CUDA (INT8 lives in quantize.py)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -42,35 +41,3 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
     om = OnnxModel(model)
     om.convert_float_to_float16(keep_io_types=True, node_block_list=keep, use_symbolic_shape_infer=True)
     return om.model, {"kept_float32_nodes": keep, "keep_io_types": True}
-
-
-def to_int8(src: Path, dst: Path, reduce_range: bool) -> dict[str, Any]:
-    """Dynamic INT8: per-channel int8 weights for the encoder's matrix products (fused attention
-    included), activations quantised per call. ``reduce_range`` uses 7-bit weights so the AVX2 u8s8
-    kernel (vpmaddubsw, int16 pair sums) cannot saturate on CPUs without VNNI."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns about pre-processing on the root logger
-
-    op_types = ["MatMul", "Attention"]
-    quantize_dynamic(
-        src,
-        dst,
-        op_types_to_quantize=op_types,
-        per_channel=True,
-        reduce_range=reduce_range,
-        weight_type=QuantType.QInt8,
-        extra_options={
-            # shape inference cannot see through the fused contrib ops; this is the documented way past it
-            "DefaultTensorType": onnx.TensorProto.FLOAT,
-            "MatMulConstBOnly": True,
-        },
-    )
-    return {
-        "method": "onnxruntime quantize_dynamic",
-        "op_types": op_types,
-        "per_channel": True,
-        "reduce_range": reduce_range,
-        "weight_type": "int8",
-        "activation_type": "uint8 (dynamic, per tensor)",
-    }

@@ -96,13 +96,13 @@ def test_interrupted_export_leaves_nothing_behind(tiny_checkpoint, tmp_path, mon
     from export import pipeline
     from export.cli import main
 
-    real = pipeline.precision.to_int8
+    real = pipeline.quantize.quantize_int8
 
     def interrupted(*args, **kwargs):
         real(*args, **kwargs)  # the file is written, then Ctrl-C arrives
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.precision, "to_int8", interrupted)
+    monkeypatch.setattr(pipeline.quantize, "quantize_int8", interrupted)
     out = tmp_path / "art"
     assert main(["--model", str(tiny_checkpoint), "--out", str(out)]) == 130
     assert not out.exists()

@@ -42,3 +42,21 @@ def test_fp16_matches_sentence_transformers(minilm_artifact, sentences, st_vecto
     with pytest.warns(UserWarning, match="fp16 variant on CPU"):
         emb = Embedder(minilm_artifact, device="cpu", precision="fp16")
     assert cosines(emb.embed(sentences), st_vectors).min() >= 0.999
+
+
+def test_int8_keeps_quality_on_the_report_split(minilm_artifact):
+    """Calibration uses the even STS-B rows; quality is judged on the odd ones."""
+    from scipy.stats import spearmanr
+
+    _, report = sts_b_en().split()
+    fp32 = Embedder(minilm_artifact, device="cpu", precision="fp32")
+    int8 = Embedder(minilm_artifact, device="cpu", precision="int8")
+    a32, b32 = fp32.embed(report.first), fp32.embed(report.second)
+    a8, b8 = int8.embed(report.first), int8.embed(report.second)
+    assert min(cosines(a8, a32).min(), cosines(b8, b32).min()) >= 0.98
+    rho32 = spearmanr((a32 * b32).sum(1), report.score).statistic
+    rho8 = spearmanr((a8 * b8).sum(1), report.score).statistic
+    assert rho8 >= 0.995 * rho32
+    build = int8.manifest.variants["int8"].build
+    assert build["reduce_range"] and build["per_channel"] and build["smoothquant_alpha"] > 0
+    assert len(build["float32_nodes"]) <= 0.2 * len(build["sensitivity_rel_error"])
