@@ -60,3 +60,15 @@ def test_int8_keeps_quality_on_the_report_split(minilm_artifact):
     build = int8.manifest.variants["int8"].build
     assert build["reduce_range"] and build["per_channel"] and build["smoothquant_alpha"] > 0
     assert len(build["float32_nodes"]) <= 0.2 * len(build["sensitivity_rel_error"])
+
+
+def test_int8_vector_does_not_depend_on_its_batch(minilm_artifact):
+    """Static (calibrated) activation scales: a text alone and in a mixed batch give the same vector."""
+    _, report = sts_b_en().split()
+    texts = report.first[:120] + sts_b_zh().first[:30]
+    int8 = Embedder(minilm_artifact, device="cpu", precision="int8")
+    assert int8.manifest.variants["int8"].build["static_quantize_nodes"] > 0
+    batched = int8.embed(texts, batch_size=32)
+    alone = np.concatenate([int8.embed([t]) for t in texts])
+    assert cosines(batched, alone).min() >= 0.99999
+    assert np.abs(batched - alone).max() <= 1e-5

@@ -1,0 +1,128 @@
+"""Untrusted input, shared use from many threads, batch composition and memory under load."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runtime import Embedder, InvalidOutputError
+
+from .helpers import chinese_text
+
+NASTY = {
+    "empty": "",
+    "whitespace": " \t\n\r\u3000 ",
+    "control": "a\x00b\x01\x1f\x7f\x85c",
+    "zero-width": "\u200b\u200c\u200d\ufeff",
+    "long": "数据" * 50_000,  # 100,000 characters
+    "emoji": "😀🎉👍🏽👨‍👩‍👧" * 150,  # 600 emoji (some multi-codepoint)
+    "mixed": "中文English日本語한국어العربيةРусский123１２３",
+    "combining": "e\u0301\u0302\u0303" * 20,
+    "rtl": "\u202eevil\u202c",
+    "private-use": "\ue000\uf8ff\U000f0000",
+}
+
+
+@pytest.fixture(scope="module")
+def embedders(tiny_artifact):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {p: Embedder(tiny_artifact, device="cpu", precision=p) for p in ("fp32", "fp16", "int8")}
+
+
+def _assert_unit(vectors: np.ndarray) -> None:
+    assert np.isfinite(vectors).all()
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_nasty_strings_give_finite_unit_vectors(embedders, precision):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long inputs are truncated
+        out = embedders[precision].embed(list(NASTY.values()))
+    assert out.shape == (len(NASTY), 64)
+    _assert_unit(out)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(alphabet=st.characters(codec=None), max_size=300), max_size=6))
+def test_any_unicode_is_a_vector_or_a_value_error(embedders, texts):
+    has_surrogate = any(0xD800 <= ord(c) <= 0xDFFF for t in texts for c in t)
+    emb = embedders["int8"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = emb.embed(texts)
+    except ValueError as exc:
+        assert has_surrogate, exc
+        assert "input" in str(exc)
+        return
+    assert not has_surrogate
+    assert out.shape == (len(texts), 64)
+    if texts:
+        _assert_unit(out)
+
+
+class _PoisonedSession:
+    """Wraps a real session and poisons one row of the output."""
+
+    def __init__(self, real, row: int, value: float) -> None:
+        self._real, self._row, self._value = real, row, value
+
+    def run(self, names, feed):
+        out = self._real.run(names, feed)
+        out[0][self._row] = self._value
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("value, detail", [(np.nan, "NaN"), (np.inf, "NaN or inf"), (0.5, "norm")])
+def test_non_finite_or_non_unit_output_is_refused_naming_the_input(tiny_artifact, value, detail):
+    emb = Embedder(tiny_artifact, device="cpu", precision="fp32")
+    emb._session = _PoisonedSession(emb._session, row=0, value=value)
+    texts = ["短", "这是一个比较长的句子，排在批次的第一行", "中"]  # sorted longest first: row 0 is input 1
+    with pytest.raises(InvalidOutputError, match="input 1") as info:
+        emb.embed(texts)
+    assert detail in str(info.value) and info.value.index == 1
+
+
+def test_sixteen_threads_share_one_embedder(embedders):
+    rng = np.random.default_rng(11)
+    texts = [chinese_text(int(n), rng) for n in rng.integers(1, 200, size=40)]
+    for precision in ("fp32", "int8"):
+        emb = embedders[precision]
+        expected = emb.embed(texts, batch_size=8)
+        results: list[np.ndarray | BaseException] = [None] * 16  # type: ignore[list-item]
+
+        def work(i: int) -> None:
+            try:
+                for _ in range(3):
+                    results[i] = emb.embed(texts, batch_size=8)
+            except BaseException as exc:  # recorded and re-raised below, in the main thread
+                results[i] = exc
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        for r in results:
+            assert isinstance(r, np.ndarray), r
+            assert np.abs(r - expected).max() <= 1e-6
+
+
+@pytest.mark.parametrize("precision, bound", [("fp32", 1e-5), ("fp16", 2e-3), ("int8", 1e-5)])
+def test_vectors_do_not_depend_on_batch_neighbours(embedders, precision, bound):
+    rng = np.random.default_rng(13)
+    texts = [chinese_text(int(n), rng) for n in (3, 120, 40, 500, 7, 64)]
+    emb = embedders[precision]
+    together = emb.embed(texts, batch_size=6)
+    alone = np.concatenate([emb.embed([t]) for t in texts])
+    assert np.abs(together - alone).max() <= bound
