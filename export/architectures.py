@@ -6,6 +6,7 @@ vocab, tokenizer) so the rest of the export runs exactly as for a downloaded mod
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,24 @@ def materialise(name: str, directory: Path, seed: int = 0) -> Path:
         model_max_length=arch.max_positions,
     )
     tok.save_pretrained(directory)
+    # sentence-transformers modules as in the BGE checkpoints: CLS pooling, then Normalize
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ], indent=2), encoding="utf-8")
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": arch.hidden,
+        "pooling_mode_cls_token": True,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }, indent=2), encoding="utf-8")
+    (directory / "2_Normalize").mkdir(exist_ok=True)
+    (directory / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": arch.max_positions, "do_lower_case": True}), encoding="utf-8"
+    )
     (directory / "RANDOM_WEIGHTS").write_text(
         f"architecture={name} seed={seed}: random weights, for speed and plumbing tests only\n", encoding="utf-8"
     )

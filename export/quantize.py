@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 CALIBRATION_FILE = Path(__file__).resolve().parent / "calibration.txt"
+CALIBRATION_LONG_FILE = Path(__file__).resolve().parent / "calibration-long.txt"
 QUANT_OPS = ("MatMul", "Attention")
 
 
@@ -45,9 +46,16 @@ class Int8Options:
 
 
 def calibration_texts(n: int) -> list[str]:
-    lines = [t for t in CALIBRATION_FILE.read_text(encoding="utf-8").splitlines() if t.strip()]
-    step = max(1, len(lines) // n)
-    return lines[::step][:n]
+    """``n`` calibration texts: short sentences (STS-B en/zh, even rows) and one in 16 a long news document
+    (SOHU, past 512 tokens), so the activation ranges also cover full-length inputs."""
+
+    def read(path: Path) -> list[str]:
+        return [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+
+    short, long = read(CALIBRATION_FILE), read(CALIBRATION_LONG_FILE)
+    n_long = min(len(long), n // 16)
+    n_short = n - n_long
+    return short[:: max(1, len(short) // max(n_short, 1))][:n_short] + long[:n_long]
 
 
 def _targets(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -59,13 +67,13 @@ def _targets(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 class Calibration:
     ch_min: dict[str, np.ndarray]  # per-channel min over real tokens, by tensor name
     ch_max: dict[str, np.ndarray]  # per-channel max over real tokens
+    # per tensor, a few batches: (sampled rows, per-channel min, per-channel max over the whole batch)
+    batches: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
+    reference: np.ndarray  # the FP32 graph's (normalised) vectors of the calibration texts
 
     @property
     def amax(self) -> dict[str, np.ndarray]:
         return {k: np.maximum(np.abs(self.ch_min[k]), np.abs(self.ch_max[k])) for k in self.ch_min}
-
-    # per tensor, a few batches: (sampled rows, per-channel min, per-channel max over the whole batch)
-    batches: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
 
 
 def calibrate(
@@ -79,6 +87,7 @@ def calibrate(
     import onnxruntime as ort
 
     model = onnx.load(str(model_path))
+    output = model.graph.output[0].name
     names = sorted({n.input[0] for n in _targets(model)})
     for name in names:
         model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
@@ -95,8 +104,10 @@ def calibrate(
     ch_min: dict[str, np.ndarray] = {}
     ch_max: dict[str, np.ndarray] = {}
     batches: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {n: [] for n in names}
+    embeddings = []
     for b, feed in enumerate(feeds):
-        outs = sess.run(names, feed)
+        embedding, *outs = sess.run([output, *names], feed)
+        embeddings.append(embedding)
         valid = feed["attention_mask"].astype(bool)
         for name, value in zip(names, outs):
             rows = value[valid] if value.ndim == 3 else value.reshape(-1, value.shape[-1])
@@ -107,7 +118,9 @@ def calibrate(
                 flat = value.reshape(-1, value.shape[-1])
                 pick = rng.choice(len(flat), size=min(keep_rows, len(flat)), replace=False)
                 batches[name].append((flat[pick].copy(), flat.min(axis=0), flat.max(axis=0)))
-    return Calibration(ch_min=ch_min, ch_max=ch_max, batches=batches)
+    vectors = np.concatenate(embeddings)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return Calibration(ch_min=ch_min, ch_max=ch_max, batches=batches, reference=vectors)
 
 
 def smoothing_scales(model: onnx.ModelProto, cal: Calibration, alpha: float) -> dict[str, np.ndarray]:
@@ -249,10 +262,10 @@ def quantize_int8(
     ranges = activation_ranges(model, cal, scales)
     smoothed = dst.with_name(dst.name + ".smoothed.onnx")
     onnx.save_model(model, str(smoothed))
+    reference = cal.reference
     del model, cal
     ranked = sorted(errors, key=errors.get, reverse=True)
     limit = int(len(ranked) * options.max_float_fraction)
-    reference = _embed(fp32_path, feeds)
     keep_float: list[str] = []
     try:
         # Greedy: quantise everything, then hand back to float32 the product with the largest simulated

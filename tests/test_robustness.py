@@ -126,3 +126,12 @@ def test_vectors_do_not_depend_on_batch_neighbours(embedders, precision, bound):
     together = emb.embed(texts, batch_size=6)
     alone = np.concatenate([emb.embed([t]) for t in texts])
     assert np.abs(together - alone).max() <= bound
+
+
+def test_short_soak_memory_plateaus(tiny_artifact):
+    """The short version of benchmarks/soak.py: 400 batches of 1-4 texts of 1-510 tokens."""
+    from benchmarks.soak import soak
+
+    r = soak(tiny_artifact, batches=400, precision="int8", progress=False)
+    assert r.texts >= 400 and r.tokens > 400 * 100
+    assert r.growth_after_warmup <= 0.10, r.samples
