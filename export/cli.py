@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text prepended by embed_queries (default: BGE's instruction for BGE models, else empty)")
     p.add_argument("--pooling", choices=("cls", "mean"), default=None,
                    help="default: the checkpoint's sentence-transformers pooling config, else cls")
+    p.add_argument("--validate-with", type=Path, default=None, metavar="TSV",
+                   help="labelled pairs (sentence1, sentence2, score): each variant must keep its share of the "
+                        "reference's Spearman (fp32 99.99%%, fp16 99.9%%, int8 99.5%%) or it is refused")
     norm = p.add_mutually_exclusive_group()
     norm.add_argument("--normalize", dest="normalize", action="store_true", default=None,
                       help="L2-normalise the output (default: from the checkpoint's Normalize module; on for BGE)")
@@ -62,12 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    from .labelled import load_pairs
     from .pipeline import run_export
     from .publish import publish, staging
     from .source import resolve
 
     progress = Progress(total=4 + len(args.precision) + (1 if "fp32" not in args.precision else 0))
     try:
+        labelled = load_pairs(args.validate_with) if args.validate_with else None
         with tempfile.TemporaryDirectory(prefix="bge-source-") as tmp:
             with progress.step("resolving the checkpoint"):
                 spec = resolve(
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"query_instruction={spec.query_instruction!r}"
             )
             with staging(args.out) as stage:
-                result = run_export(spec, args.out, args.precision, progress, stage)
+                result = run_export(spec, args.out, args.precision, progress, stage, labelled)
                 if result.manifest is not None:
                     publish(stage, args.out)
     except ExportError as exc:

@@ -20,6 +20,7 @@ from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest,
 from . import graph, onnx_io, optimize, precision, probes, quantize
 from .report import Progress, Row
 from .source import ModelSpec
+from .labelled import QUALITY_GATES, LabelledPairs, pair_spearman
 from .validate import GATES, parity
 
 PRECISION_ORDER = ("fp32", "fp16", "int8")
@@ -95,7 +96,12 @@ def _validation_device(name: str) -> str:
 
 
 def run_export(
-    spec: ModelSpec, out: Path, precisions: tuple[str, ...], progress: Progress, stage: Path
+    spec: ModelSpec,
+    out: Path,
+    precisions: tuple[str, ...],
+    progress: Progress,
+    stage: Path,
+    labelled: LabelledPairs | None = None,
 ) -> ExportResult:
     """Build every requested variant into ``stage``; the caller publishes ``stage`` as ``out``."""
     from .reference import ReferenceEmbedder, load_model, load_tokenizer
@@ -107,7 +113,13 @@ def run_export(
         with progress.step(f"loading {spec.name} and computing reference vectors on {len(probes.PROBES)} probe texts"):
             model = load_model(spec, attn_implementation="eager")
             tokenizer = load_tokenizer(spec)
-            reference = ReferenceEmbedder(spec, model=model, tokenizer=tokenizer).embed(list(probes.PROBES))
+            ref_embedder = ReferenceEmbedder(spec, model=model, tokenizer=tokenizer)
+            reference = ref_embedder.embed(list(probes.PROBES))
+            quality_ref = None
+            if labelled is not None:
+                quality_ref = pair_spearman(ref_embedder.embed(labelled.texts, batch_size=32), labelled)
+                progress.say(f"      reference Spearman on {labelled.name}: {quality_ref:.5f}")
+            del ref_embedder
         with progress.step("exporting the ONNX graph (pooling and normalisation inside)"):
             traced = work / "traced.onnx"
             graph.export_onnx(model, spec.pooling, spec.normalize, traced)
@@ -176,7 +188,7 @@ def run_export(
     rows, checked = [], {}
     with progress.step(f"validating {', '.join(variants)} against the PyTorch reference"):
         for name in variants:
-            row, par = _validate(stage, name, variants[name], reference)
+            row, par = _validate(stage, name, variants[name], reference, labelled, quality_ref)
             rows.append(row)
             if row.status != "FAIL":
                 checked[name] = replace(variants[name], parity=par)
@@ -191,7 +203,14 @@ def run_export(
     return ExportResult(manifest=final, rows=rows)
 
 
-def _validate(stage: Path, name: str, variant: Variant, reference: np.ndarray) -> tuple[Row, Parity]:
+def _validate(
+    stage: Path,
+    name: str,
+    variant: Variant,
+    reference: np.ndarray,
+    labelled: LabelledPairs | None,
+    quality_ref: float | None,
+) -> tuple[Row, Parity]:
     from runtime import Embedder
 
     gate = GATES[name]
@@ -202,6 +221,7 @@ def _validate(stage: Path, name: str, variant: Variant, reference: np.ndarray) -
             warnings.simplefilter("ignore")  # the fp16-on-CPU and truncation warnings are expected here
             emb = Embedder(stage, device=device, precision=name)
             vectors = emb.embed(list(probes.PROBES), batch_size=8)
+            labelled_vectors = emb.embed(labelled.texts, batch_size=32) if labelled is not None else None
     except (EmbedderError, RuntimeError) as exc:
         if name != "fp16":
             raise
@@ -210,6 +230,19 @@ def _validate(stage: Path, name: str, variant: Variant, reference: np.ndarray) -
         return Row(name, variant.model_file, size, None, None, None, gate, note), par
     fig = parity(vectors, reference)
     passed = fig.min_cosine >= gate
+    quality: dict[str, Any] = {}
+    if labelled is not None and labelled_vectors is not None and quality_ref is not None:
+        rho = pair_spearman(labelled_vectors, labelled)
+        ratio = rho / quality_ref if quality_ref else float("nan")
+        quality = {
+            "dataset": labelled.name,
+            "pairs": len(labelled.first),
+            "spearman": rho,
+            "reference_spearman": quality_ref,
+            "ratio": ratio,
+            "gate_ratio": QUALITY_GATES[name],
+        }
+        passed = passed and ratio >= QUALITY_GATES[name]
     par = Parity(
         validated=True,
         min_cosine=fig.min_cosine,
@@ -219,6 +252,9 @@ def _validate(stage: Path, name: str, variant: Variant, reference: np.ndarray) -
         gate_min_cosine=gate,
         device=device,
         note="" if device == "cuda" or name != "fp16" else "validated on the CPU provider; intended for CUDA",
+        quality=quality,
     )
     status = "pass" if passed else "FAIL"
-    return Row(name, variant.model_file, size, fig.min_cosine, fig.mean_cosine, fig.max_abs_diff, gate, status), par
+    row = Row(name, variant.model_file, size, fig.min_cosine, fig.mean_cosine, fig.max_abs_diff, gate, status,
+              quality.get("ratio"))
+    return row, par

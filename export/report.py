@@ -37,6 +37,7 @@ class Row:
     max_abs_diff: float | None
     gate: float
     status: str  # "pass", "FAIL", "not validated: ..."
+    spearman_ratio: float | None = None  # with --validate-with
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -45,12 +46,13 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| variant | file | size (MB) | min cosine | mean cosine | max abs diff | gate | status |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| variant | file | size (MB) | min cosine | mean cosine | max abs diff | gate | Spearman / ref | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.variant} | {r.file} | {r.size_bytes / 1e6:.1f} | {_fmt(r.min_cosine, '.6f')} | "
-            f"{_fmt(r.mean_cosine, '.6f')} | {_fmt(r.max_abs_diff, '.2e')} | >= {r.gate} | {r.status} |"
+            f"{_fmt(r.mean_cosine, '.6f')} | {_fmt(r.max_abs_diff, '.2e')} | >= {r.gate} | "
+            f"{_fmt(r.spearman_ratio, '.4f')} | {r.status} |"
         )
     return "\n".join(lines)

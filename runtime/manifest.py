@@ -40,6 +40,8 @@ class Parity:
     gate_min_cosine: float | None = None
     device: str | None = None
     note: str = ""
+    # with --validate-with: Spearman on the labelled pairs, the reference's, their ratio and the gate
+    quality: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

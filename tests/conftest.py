@@ -61,7 +61,8 @@ def minilm_artifact(minilm_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("art") / "minilm"
     from export.cli import main
 
-    rc = main(["--model", str(minilm_path), "--out", str(out)])
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "sts-b-en.test.tsv"
+    rc = main(["--model", str(minilm_path), "--out", str(out), "--validate-with", str(data)])
     assert rc == 0
     return out
 

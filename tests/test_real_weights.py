@@ -72,3 +72,25 @@ def test_int8_vector_does_not_depend_on_its_batch(minilm_artifact):
     alone = np.concatenate([int8.embed([t]) for t in texts])
     assert cosines(batched, alone).min() >= 0.99999
     assert np.abs(batched - alone).max() <= 1e-5
+
+
+def test_fp16_is_finite_and_close_on_extreme_real_inputs(minilm_artifact):
+    texts = ["the " * 300, "a" * 3000, "\U0001f600" * 300, "字" * 300, "!" * 300] + sts_b_zh().first[:100]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f16 = Embedder(minilm_artifact, device="cpu", precision="fp16").embed(texts)
+        f32 = Embedder(minilm_artifact, device="cpu", precision="fp32").embed(texts)
+    assert np.isfinite(f16).all()
+    assert cosines(f16, f32).min() >= 0.999
+
+
+def test_export_records_quality_on_the_labelled_set(minilm_artifact):
+    m = Embedder(minilm_artifact, device="cpu", precision="fp32").manifest
+    for name, v in m.variants.items():
+        q = v.parity.quality
+        assert q["dataset"] == "sts-b-en.test.tsv" and q["pairs"] == 1379
+        assert 0.8 < q["reference_spearman"] < 0.9
+        assert q["ratio"] >= q["gate_ratio"], name
+    assert abs(m.variants["fp32"].parity.quality["ratio"] - 1) < 1e-4

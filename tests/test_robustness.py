@@ -135,3 +135,18 @@ def test_short_soak_memory_plateaus(tiny_artifact):
     r = soak(tiny_artifact, batches=400, precision="int8", progress=False)
     assert r.texts >= 400 and r.tokens > 400 * 100
     assert r.growth_after_warmup <= 0.10, r.samples
+
+
+def test_fp16_never_overflows_on_extreme_inputs(embedders, tiny_artifact):
+    """512 tokens of one repeated character, all-[UNK] input, long mixed text: finite and close to FP32."""
+    from runtime.tokenizer import TextTokenizer
+
+    unk = "\U0001f600" * 510  # emoji are not in the Chinese vocabulary: every token is [UNK]
+    assert set(TextTokenizer(tiny_artifact / "tokenizer.json", 512).encode([unk]).ids[0][1:-1]) == {100}
+    texts = ["字" * 510, "。" * 510, unk, "a" * 2000, "的" * 1 + "了" * 509]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f16 = embedders["fp16"].embed(texts)
+        f32 = embedders["fp32"].embed(texts)
+    _assert_unit(f16)
+    assert float((f16.astype(np.float64) * f32).sum(1).min()) >= 0.999
