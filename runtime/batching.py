@@ -15,19 +15,26 @@ class Batch:
     attention_mask: np.ndarray  # int64 [n, longest]
 
 
+MIN_FILL = 0.5  # a text joins a batch only if it is at least this fraction of the batch's longest
+
+
 def plan_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int) -> list[np.ndarray]:
-    """Sort by length (longest first) and cut batches that hold at most ``batch_size`` texts and at most
-    ``max_batch_tokens`` padded tokens. Longest first makes the first batch the largest, so memory peaks
-    early and predictably."""
+    """Sort by length (longest first) and cut batches that hold at most ``batch_size`` texts, at most
+    ``max_batch_tokens`` padded tokens, and no text shorter than half the batch's longest (so padding is
+    under half of any row: one 512-token document no longer drags seven short sentences to 512).
+    Longest first makes the first batch the largest, so memory peaks early and predictably."""
     order = np.argsort(-lengths, kind="stable")
     batches: list[np.ndarray] = []
     start = 0
     n = len(order)
     while start < n:
-        longest = int(lengths[order[start]])
-        fit = max(1, min(batch_size, max_batch_tokens // max(longest, 1)))
-        batches.append(order[start : start + fit])
-        start += fit
+        longest = max(int(lengths[order[start]]), 1)
+        fit = max(1, min(batch_size, max_batch_tokens // longest))
+        end = start + 1
+        while end < min(n, start + fit) and lengths[order[end]] >= MIN_FILL * longest:
+            end += 1
+        batches.append(order[start:end])
+        start = end
     return batches
 
 

@@ -150,3 +150,15 @@ def test_fp16_never_overflows_on_extreme_inputs(embedders, tiny_artifact):
         f32 = embedders["fp32"].embed(texts)
     _assert_unit(f16)
     assert float((f16.astype(np.float64) * f32).sum(1).min()) >= 0.999
+
+
+def test_batches_keep_padding_under_half_of_each_row():
+    from runtime.batching import plan_batches
+
+    lengths = np.array([30, 512, 28, 31, 29, 27, 26, 25, 300, 200])
+    batches = plan_batches(lengths, batch_size=8, max_batch_tokens=16384)
+    assert sorted(int(i) for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert lengths[b].min() >= 0.5 * lengths[b].max()
+        assert len(b) <= 8
+    assert [len(b) for b in batches] == [1, 2, 7]  # [512], [300, 200], the seven short ones
