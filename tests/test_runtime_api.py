@@ -32,10 +32,11 @@ def test_properties(emb, tiny_artifact):
     assert "tiny" in repr(emb)
 
 
-def test_auto_on_cpu_picks_int8(tiny_artifact):
-    if cuda_available():
-        pytest.skip("this check is about CPU-only machines")  # pragma: no cover
-    assert Embedder(tiny_artifact).precision == "int8"
+def test_auto_picks_int8_on_cpu_and_fp16_on_cuda(tiny_artifact):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emb = Embedder(tiny_artifact)
+    assert (emb.device, emb.precision) == (("cuda", "fp16") if cuda_available() else ("cpu", "int8"))
 
 
 @pytest.mark.parametrize(
@@ -126,11 +127,30 @@ def test_not_an_artifact_directory(tmp_path):
         Embedder(tmp_path)
 
 
-@pytest.mark.skipif(cuda_available(), reason="checks the error on machines without CUDA")
-def test_cuda_requested_without_cuda_raises_listing_providers(tiny_artifact):
+def test_cuda_requested_without_cuda_raises_listing_providers(tiny_artifact, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(ProviderUnavailableError, match="CPUExecutionProvider") as info:
         Embedder(tiny_artifact, device="cuda")
     assert "pip install .[gpu]" in str(info.value)
+
+
+def test_cuda_session_that_falls_back_to_cpu_is_refused(tiny_artifact, monkeypatch):
+    """The provider is listed but the session silently got only the CPU: raise, never run on CPU."""
+    import onnxruntime as ort
+
+    from runtime import providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    real = ort.InferenceSession
+
+    def cpu_only(path, sess_options=None, providers=None):
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(providers.ort, "InferenceSession", cpu_only)
+    with pytest.raises(ProviderUnavailableError, match="session got"):
+        Embedder(tiny_artifact, device="cuda")
 
 
 def test_import_loads_neither_torch_nor_transformers(tiny_artifact):
