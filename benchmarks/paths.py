@@ -72,13 +72,12 @@ class OnnxFilePath(EmbedPath):
         from runtime.batching import make_batches
 
         enc = self.tok.encode(list(texts))
-        out = np.zeros((len(texts), self.sess.get_outputs()[0].shape[-1] or 0), np.float32)
-        rows = {}
+        parts, order = [], []
         for b in make_batches(enc.ids, enc.lengths, self.pad_id, batch_size, batch_size * self.max_length):
-            v = self.sess.run(None, {"input_ids": b.input_ids, "attention_mask": b.attention_mask})[0]
-            for i, r in zip(b.indices, v):
-                rows[int(i)] = r
-        out = np.stack([rows[i] for i in range(len(texts))]) if texts else out
+            parts.append(self.sess.run(None, {"input_ids": b.input_ids, "attention_mask": b.attention_mask})[0])
+            order.append(b.indices)
+        out = np.empty((len(texts), parts[0].shape[1]), np.float32)
+        out[np.concatenate(order)] = np.concatenate(parts)
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 

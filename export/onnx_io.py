@@ -30,6 +30,3 @@ def save(model: onnx.ModelProto, path: Path) -> list[Path]:
     onnx.save_model(model, str(path))
     return [path]
 
-
-def load(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path), load_external_data=True)
