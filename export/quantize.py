@@ -1,18 +1,20 @@
-"""Accuracy-aware dynamic INT8 for BERT encoders.
+"""Accuracy-aware INT8 for BERT encoders.
 
-Three steps on the fused FP32 graph, all measured on calibration text (never on the probe or report sets):
+Steps on the fused FP32 graph, all measured on calibration text (never on the probe or report sets):
 
 1. Calibrate: run the FP32 graph and record, for the input of every weight matrix product, the
-   per-channel absolute maximum over real tokens, plus a few whole batches for step 3.
-2. Smooth (SmoothQuant): BERT activations carry a few outlier channels, and dynamic quantisation uses
-   one uint8 scale per tensor, so those channels crush the resolution of all others. Divide each input
-   channel j by s_j = amax_j^a / wmax_j^(1-a) (an explicit Mul) and multiply row j of the weight by s_j:
-   exact in float, far friendlier to int8.
-3. Sensitivity: simulate each product's int8 error on the calibration batches (per-tensor uint8
-   activations, per-channel int8 weights, as onnxruntime computes it) and rank them. Quantise all, and
-   while the calibration texts' min cosine to FP32 is below target, hand the worst-ranked product back to
-   float32 (typically FFN down-projections, fed by GELU's long tail), up to a cap. The choice is
+   per-channel min and max over real tokens, a few subsampled batches for step 3, and the FP32 vectors.
+2. Smooth (SmoothQuant): BERT activations carry a few outlier channels, and activations are quantised
+   with one uint8 scale per tensor, so those channels crush the resolution of all others. Divide each
+   input channel j by s_j = amax_j^a / wmax_j^(1-a) (an explicit Mul) and multiply row j of the weight by
+   s_j: exact in float, far friendlier to int8.
+3. Sensitivity: simulate each product's int8 error on the calibration batches and rank them. Quantise
+   all, and while the calibration texts' min cosine to FP32 is below target, hand the worst-ranked product
+   back to float32 (typically FFN down-projections, fed by GELU's long tail), up to a cap. The choice is
    returned for the manifest.
+4. Static activations: onnxruntime's quantize_dynamic output gets each DynamicQuantizeLinear replaced by
+   a QuantizeLinear with the calibrated range, so a text's vector never depends on its batch neighbours.
+   The word-embedding table is quantised too (QEmbedLayerNormalization).
 
 Weights use the 7-bit range (reduce_range): onnxruntime's AVX2 u8s8 kernel sums pairs of u8*s8 products in
 int16 (vpmaddubsw) and saturates with full 8-bit weights on CPUs without VNNI; measured here, full-range
