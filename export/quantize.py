@@ -237,8 +237,49 @@ def make_activations_static(path: Path, ranges: dict[str, tuple[float, float]]) 
             nodes.append(n)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    fuse_integer_matmuls(model)
     onnx.save_model(model, str(path))
     return replaced
+
+
+def fuse_integer_matmuls(model: onnx.ModelProto) -> int:
+    """Rewrite MatMulInteger -> Cast -> Mul(scale_a x scale_b) as one com.microsoft MatMulIntegerToFloat.
+
+    onnxruntime fuses this pattern itself only while scale_a comes from a DynamicQuantizeLinear: once the
+    activation scale is a calibrated constant, constant folding turns the scale product into an
+    initializer first and the fusion no longer matches, leaving an int32 tensor, a Cast and a Mul per
+    product (measured on bge-small-zh: 10% of the node time). Returns the number of products fused."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    drop: set[int] = set()
+    replace: dict[int, onnx.NodeProto] = {}
+    for mul in model.graph.node:
+        if mul.op_type != "Mul" or len(mul.input) != 2:
+            continue
+        cast, scales = prod.get(mul.input[0]), prod.get(mul.input[1])
+        if cast is None or cast.op_type != "Cast" or scales is None or scales.op_type != "Mul":
+            continue
+        mmi = prod.get(cast.input[0])
+        if mmi is None or mmi.op_type != "MatMulInteger":
+            continue
+        if any(users.get(t, 0) != 1 for t in (mmi.output[0], cast.output[0], scales.output[0])):
+            continue
+        a, b = list(mmi.input[:2])
+        a_zp = mmi.input[2] if len(mmi.input) > 2 else ""
+        b_zp = mmi.input[3] if len(mmi.input) > 3 else ""
+        fused = helper.make_node(
+            "MatMulIntegerToFloat", [a, b, scales.input[0], scales.input[1], a_zp, b_zp], [mul.output[0]],
+            name=f"{mmi.name}/to_float", domain="com.microsoft",
+        )
+        drop.update(id(x) for x in (mmi, cast, scales))
+        replace[id(mul)] = fused
+    nodes = [replace.get(id(n), n) for n in model.graph.node if id(n) not in drop]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return len(replace)
 
 
 def _embed(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
