@@ -39,10 +39,23 @@ def plan_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int) ->
 
 
 def make_batches(
-    ids: list[list[int]], lengths: np.ndarray, pad_id: int, batch_size: int, max_batch_tokens: int
+    ids: list[list[int]],
+    lengths: np.ndarray,
+    pad_id: int,
+    batch_size: int,
+    max_batch_tokens: int,
+    pad_multiple: int = 1,
+    max_length: int | None = None,
 ) -> Iterator[Batch]:
+    """Padded int64 batches in the order of ``plan_batches``. ``pad_multiple`` rounds each batch's length
+    up (never past ``max_length``): GPUs run tile-aligned shapes faster and see fewer distinct shapes."""
+    if pad_multiple < 1:
+        raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
     for idx in plan_batches(lengths, batch_size, max_batch_tokens):
         longest = int(lengths[idx].max())
+        if pad_multiple > 1:
+            rounded = -(-longest // pad_multiple) * pad_multiple
+            longest = max(longest, min(rounded, max_length if max_length is not None else rounded))
         input_ids = np.full((len(idx), longest), pad_id, dtype=np.int64)
         mask = np.zeros((len(idx), longest), dtype=np.int64)
         for row, i in enumerate(idx):

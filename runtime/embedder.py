@@ -19,6 +19,12 @@ from .tokenizer import TextTokenizer
 
 _AUTO_ORDER = {"cuda": ("fp16", "fp32", "int8"), "cpu": ("int8", "fp32", "fp16")}
 _NORM_TOLERANCE = 1e-3
+# Per device: texts per batch, padded tokens per batch, and the multiple the padded length is rounded up
+# to. On CPU the cost is linear in tokens, so batches stay moderate and padding minimal. A GPU wants wide
+# batches to fill its cores, and lengths on a multiple of 8 (tensor-core tiles; fewer distinct shapes for
+# the CUDA memory arena and kernel selection).
+_BATCHING = {"cpu": (32, 16384, 1), "cuda": (128, 65536, 8)}
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class TruncationWarning(UserWarning):
@@ -49,12 +55,15 @@ class Embedder:
         precision: str = "auto",
         threads: int | None = None,
         device_id: int = 0,
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self._root = Path(path)
         self._manifest = Manifest.load(self._root)
         self._device = resolve_device(device)
         self._precision = self._pick_precision(precision)
+        self._default_batch_size, default_tokens, self._pad_multiple = _BATCHING[self._device]
+        if max_batch_tokens is None:
+            max_batch_tokens = default_tokens
         if max_batch_tokens < self._manifest.max_length:
             raise ValueError(
                 f"max_batch_tokens ({max_batch_tokens}) must be at least max_length "
@@ -80,6 +89,15 @@ class Embedder:
         if unknown:
             raise ArtifactError(f"graph {variant.model_file} wants inputs {sorted(unknown)} this runtime cannot feed")
         self._output_name = self._manifest.output_name
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        if self._output_name not in outputs:
+            raise ArtifactError(
+                f"graph {variant.model_file} has no output {self._output_name!r} (it has {sorted(outputs)}); "
+                "the manifest and graph disagree: re-export the artifact"
+            )
+        self._output_dtype = _ORT_TO_NUMPY.get(outputs[self._output_name].type)
+        if self._output_dtype is None:
+            raise ArtifactError(f"output {self._output_name!r} has type {outputs[self._output_name].type}, not float")
         # On CPU one run already uses every intra-op thread; concurrent runs from many caller threads only
         # fight over the same cores (measured: 16 callers got half the throughput of one). Callers queue
         # here while tokenisation and batching still run in parallel. On CUDA, runs may overlap.
@@ -130,9 +148,12 @@ class Embedder:
         return list(self._session.get_providers())
 
     # -- embedding -------------------------------------------------------------------------
-    def embed(self, texts: Sequence[str], batch_size: int = 32, truncate: bool = True) -> np.ndarray:
-        """Embed ``texts``; float32 ``(len(texts), dim)`` in input order."""
+    def embed(self, texts: Sequence[str], batch_size: int | None = None, truncate: bool = True) -> np.ndarray:
+        """Embed ``texts``; float32 ``(len(texts), dim)`` in input order. ``batch_size`` defaults to 32 on
+        CPU and 128 on CUDA; the token budget (``max_batch_tokens``) caps every batch either way."""
         _check_texts(texts)
+        if batch_size is None:
+            batch_size = self._default_batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -145,18 +166,47 @@ class Embedder:
                 raise InputTooLongError(i, self._tokenizer.count_tokens(texts[i]), self.max_length)
             warnings.warn(TruncationWarning(len(encoded.truncated), encoded.truncated, self.max_length), stacklevel=2)
         for batch in make_batches(
-            encoded.ids, encoded.lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens
+            encoded.ids, encoded.lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
+            pad_multiple=self._pad_multiple, max_length=self.max_length,
         ):
-            feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-            if "token_type_ids" in self._input_names:
-                feed["token_type_ids"] = np.zeros_like(batch.input_ids)
-            with self._run_lock:
-                vectors = self._session.run([self._output_name], {k: feed[k] for k in self._input_names})[0]
+            vectors = self._run(batch.input_ids, batch.attention_mask)
             self._check_output(vectors, batch.indices)
             out[batch.indices] = vectors
         return out
 
-    def embed_queries(self, texts: Sequence[str], batch_size: int = 32, truncate: bool = True) -> np.ndarray:
+    def embed_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Embed one pre-tokenised, padded batch (int64 ``[n, length]`` ids and 0/1 mask), as one run.
+
+        For callers that tokenise themselves (or benchmark the graph alone); no batching, sorting or
+        truncation happens here, so the caller owns ``length <= max_length`` and the padding."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(f"input_ids and attention_mask must be 2-D and the same shape, got {ids.shape} and {mask.shape}")
+        if ids.shape[1] > self.max_length:
+            raise InputTooLongError(0, int(ids.shape[1]), self.max_length)
+        if ids.shape[0] == 0:
+            return np.empty((0, self.dim), np.float32)
+        vectors = self._run(ids, mask)
+        self._check_output(vectors, np.arange(len(ids)))
+        return vectors
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """One graph run with IO binding: inputs are copied to the device once, and the output is written
+        straight into a host array we own (no second host copy, no output allocation by onnxruntime)."""
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in self._input_names:
+            feed["token_type_ids"] = np.zeros_like(input_ids)
+        out = np.empty((input_ids.shape[0], self.dim), dtype=self._output_dtype)
+        binding = self._session.io_binding()
+        for name in self._input_names:
+            binding.bind_cpu_input(name, feed[name])
+        binding.bind_output(self._output_name, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
+        with self._run_lock:
+            self._session.run_with_iobinding(binding)
+        return out if out.dtype == np.float32 else out.astype(np.float32)
+
+    def embed_queries(self, texts: Sequence[str], batch_size: int | None = None, truncate: bool = True) -> np.ndarray:
         """Embed search queries: the manifest's query instruction is prepended to each text."""
         _check_texts(texts)
         prefix = self._manifest.query_instruction

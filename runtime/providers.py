@@ -3,14 +3,48 @@
 from __future__ import annotations
 
 import os
-
-import onnxruntime as ort
+from importlib import metadata
 
 from .errors import ProviderUnavailableError
+
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # the build is an extra: [cpu] or [gpu], never both
+    raise ImportError(
+        "the runtime needs an onnxruntime build and none is installed; install exactly one: "
+        "`pip install 'bge-onnx[cpu]'` (onnxruntime) or `pip install 'bge-onnx[gpu]'` (onnxruntime-gpu, CUDA)"
+    ) from exc
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
+# Distributions that all install the one `onnxruntime` module: two of them overwrite each other's files.
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                     "onnxruntime-training")
+
+
+def installed_ort_distributions() -> list[str]:
+    """Which onnxruntime builds pip has installed (more than one means a broken module)."""
+    found = []
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def _cuda_hint() -> str:
+    dists = installed_ort_distributions()
+    if len(dists) > 1:
+        return (
+            f"several onnxruntime builds are installed ({', '.join(dists)}) and they overwrite one module; "
+            "`pip uninstall -y " + " ".join(dists) + "` then `pip install 'bge-onnx[gpu]'`"
+        )
+    if dists == ["onnxruntime"]:
+        return "the CPU-only build `onnxruntime` is installed; `pip uninstall -y onnxruntime` then `pip install 'bge-onnx[gpu]'`"
+    return "install the GPU build with `pip install 'bge-onnx[gpu]'`"
 
 
 def cuda_available() -> bool:
@@ -25,8 +59,7 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not cuda_available():
         raise ProviderUnavailableError(
             "device='cuda' was requested but this onnxruntime build has no CUDAExecutionProvider "
-            f"(available: {ort.get_available_providers()}); install the GPU build with "
-            "`pip install .[gpu]` (it replaces the CPU-only onnxruntime) or use device='cpu'"
+            f"(available: {ort.get_available_providers()}); {_cuda_hint()}, or use device='cpu'"
         )
     return device
 
@@ -47,15 +80,37 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return opts
 
 
+def cuda_options(device_id: int) -> dict[str, object]:
+    """CUDA provider options for an embedding service: shapes vary with every batch (batch x length).
+
+    - kSameAsRequested: the arena grows by what a run asks for, not by doubling, so a service that has seen
+      one long batch holds that batch's memory, not twice it; batches are capped by a token budget, which
+      bounds the largest request.
+    - cudnn_conv_algo_search DEFAULT: no per-shape exhaustive search (BERT has no convolutions; with
+      EXHAUSTIVE every new shape would pay a benchmark).
+    - do_copy_in_default_stream: input copies are ordered with the compute stream (no host sync per copy).
+    """
+    if device_id < 0:
+        raise ValueError(f"device_id must be >= 0, got {device_id}")
+    return {
+        "device_id": device_id,
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": "DEFAULT",
+        "do_copy_in_default_stream": True,
+    }
+
+
 def create_session(
     model_path: str | os.PathLike[str], device: str, threads: int | None, device_id: int = 0
 ) -> ort.InferenceSession:
     opts = session_options(threads)
     if device == "cuda":
-        providers: list = [
-            (CUDA, {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}),
-            CPU,
-        ]
+        # onnxruntime-gpu >= 1.21 finds CUDA and cuDNN from the nvidia-* pip packages only once they are
+        # preloaded; without it, a machine with those packages (but no system CUDA) fails the session.
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            preload()
+        providers: list = [(CUDA, cuda_options(device_id)), CPU]
     else:
         providers = [CPU]
     session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)

@@ -133,7 +133,7 @@ def test_cuda_requested_without_cuda_raises_listing_providers(tiny_artifact, mon
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(ProviderUnavailableError, match="CPUExecutionProvider") as info:
         Embedder(tiny_artifact, device="cuda")
-    assert "pip install .[gpu]" in str(info.value)
+    assert "bge-onnx[gpu]" in str(info.value)
 
 
 def test_cuda_session_that_falls_back_to_cpu_is_refused(tiny_artifact, monkeypatch):
