@@ -238,8 +238,40 @@ def make_activations_static(path: Path, ranges: dict[str, tuple[float, float]]) 
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     fuse_integer_matmuls(model)
+    scalar_weight_zero_points(model)
     onnx.save_model(model, str(path))
     return replaced
+
+
+# operator -> position of the weight's zero point among its inputs
+_WEIGHT_ZERO_POINT = {"MatMulIntegerToFloat": 5, "MatMulInteger": 3, "QAttention": 7}
+
+
+def scalar_weight_zero_points(model: onnx.ModelProto) -> int:
+    """Replace all-zero per-channel weight zero points (symmetric weights) by one scalar zero.
+
+    The values are identical, but onnxruntime's u8s8 kernel takes a per-column zero-point path for a
+    vector, which costs about 20% of the product (measured: 1280x384x1536 MatMulIntegerToFloat, 7.3 ms
+    with a per-column zero point, 6.2 ms with a scalar one; per-column scales cost nothing)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    zero = "weight_zero_point_scalar_int8"
+    changed = 0
+    for n in model.graph.node:
+        pos = _WEIGHT_ZERO_POINT.get(n.op_type)
+        if pos is None or len(n.input) <= pos or n.input[pos] not in inits:
+            continue
+        zp = numpy_helper.to_array(inits[n.input[pos]])
+        if zp.ndim == 0 or zp.dtype != np.int8 or zp.any():
+            continue
+        n.input[pos] = zero
+        changed += 1
+    if changed:
+        model.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int8), zero))
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return changed
 
 
 def fuse_integer_matmuls(model: onnx.ModelProto) -> int:
@@ -311,6 +343,7 @@ def quantize_int8(
     ranked = sorted(errors, key=errors.get, reverse=True)
     limit = int(len(ranked) * options.max_float_fraction)
     keep_float: list[str] = []
+    history: list[dict[str, Any]] = []
     try:
         # Greedy: quantise everything, then hand back to float32 the product with the largest simulated
         # error, one at a time, until the calibration texts agree with FP32 (or the cap is reached).
@@ -331,6 +364,7 @@ def quantize_int8(
             )
             static = make_activations_static(dst, ranges) if options.static_activations else 0
             cal_min = float((_embed(dst, feeds) * reference).sum(axis=1).min())
+            history.append({"float32_nodes": len(keep_float), "calibration_min_cosine": round(cal_min, 6)})
             if cal_min >= options.target_min_cosine or len(keep_float) >= limit:
                 break
             keep_float.append(ranked[len(keep_float)])
@@ -349,6 +383,7 @@ def quantize_int8(
         "calibration_texts": options.calibration_texts,
         "calibration_source": "export/calibration.txt (STS-B en/zh even rows)",
         "float32_nodes": keep_float,
+        "handback_history": history,
         "calibration_min_cosine_vs_fp32": round(cal_min, 6),
         "target_min_cosine": options.target_min_cosine,
         "quantized_nodes": len(errors) - len(keep_float),

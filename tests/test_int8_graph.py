@@ -1,0 +1,63 @@
+"""The INT8 graph's shape after export: fused integer products and scalar weight zero points, the two
+rewrites that onnxruntime cannot do itself once activation scales are constants (see export/quantize.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from export.quantize import fuse_integer_matmuls, scalar_weight_zero_points
+
+
+def test_int8_graph_has_fused_products_and_scalar_zero_points(tiny_artifact):
+    model = onnx.load(str(tiny_artifact / "model_int8.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    build = json.loads((tiny_artifact / "manifest.json").read_text())["variants"]["int8"]["build"]
+    layers = ops.count("QAttention") + sum(1 for n in build["float32_nodes"] if n.startswith("Attention"))
+    # every quantised MatMul (3 per layer: attention output, FFN up, FFN down) is one fused node
+    float_matmuls = sum(1 for n in build["float32_nodes"] if not n.startswith("Attention"))
+    assert ops.count("MatMulIntegerToFloat") == 3 * layers - float_matmuls
+    assert "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        pos = {"MatMulIntegerToFloat": 5, "QAttention": 7}.get(n.op_type)
+        if pos is not None:
+            assert numpy_helper.to_array(inits[n.input[pos]]).ndim == 0, n.name
+    assert build["handback_history"][0]["float32_nodes"] == 0
+
+
+def _integer_product(zero_point: np.ndarray) -> onnx.ModelProto:
+    inits = [
+        numpy_helper.from_array(np.ones((4, 3), np.int8), "w"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "a_scale"),
+        numpy_helper.from_array(np.full(3, 0.2, np.float32), "b_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "a_zp"),
+        numpy_helper.from_array(zero_point, "b_zp"),
+    ]
+    nodes = [
+        helper.make_node("MatMulInteger", ["x", "w", "a_zp", "b_zp"], ["acc"]),
+        helper.make_node("Cast", ["acc"], ["acc_f"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", ["a_scale", "b_scale"], ["scale"]),
+        helper.make_node("Mul", ["acc_f", "scale"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [2, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_rewrites_keep_the_arithmetic():
+    import onnxruntime as ort
+
+    x = np.arange(8, dtype=np.uint8).reshape(2, 4) * 30
+    for zp in (np.zeros(3, np.int8), np.array([0, 1, -2], np.int8)):
+        plain = _integer_product(zp)
+        rewritten = _integer_product(zp)
+        assert fuse_integer_matmuls(rewritten) == 1
+        changed = scalar_weight_zero_points(rewritten)
+        assert changed == (0 if zp.any() else 1)  # a real per-channel zero point is left alone
+        assert [n.op_type for n in rewritten.graph.node] == ["MatMulIntegerToFloat"]
+        run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+        np.testing.assert_allclose(run(rewritten), run(plain), rtol=1e-6)
