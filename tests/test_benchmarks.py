@@ -59,3 +59,26 @@ def test_model_ops_counts_projections_ffn_and_attention():
     per_token = model_ops(cfg, [1])
     assert abs(per_token / 1e9 - 0.604) < 0.01  # ~0.6 G ops per token for bge-large, as the issue states
     assert model_ops(cfg, [10, 20]) == pytest.approx(model_ops(cfg, [10]) + model_ops(cfg, [20]))
+
+
+def test_profile_sums_node_time_after_the_warm_up_runs():
+    from benchmarks.profile import summarise
+
+    def run(ops: dict[str, float]) -> list[dict]:
+        nodes = [{"cat": "Node", "name": f"n{i}_kernel_time", "dur": d, "args": {"op_name": op}}
+                 for i, (op, d) in enumerate(ops.items())]
+        return nodes + [{"cat": "Session", "name": "model_run", "dur": sum(ops.values()) + 5}]
+
+    trace = run({"MatMul": 1000.0}) + run({"MatMul": 10.0, "Gelu": 4.0}) + run({"MatMul": 20.0, "Gelu": 6.0})
+    s = summarise(trace, skip_runs=1)
+    assert s["per_type_us"] == {"MatMul": 30.0, "Gelu": 10.0}
+    assert s["node_us"] == 40.0 and s["run_us"] == 50.0 and s["events"] == {"MatMul": 2, "Gelu": 2}
+
+
+def test_profile_of_a_real_graph_finds_its_fused_products(tiny_artifact):
+    from benchmarks.profile import batches_for, profile_graph
+
+    batches, tokens = batches_for(tiny_artifact / "tokenizer.json", ["你好", "今天天气很好", "a b c"] * 4, 4, 4096)
+    got = profile_graph(tiny_artifact / "model_int8.onnx", {"w": batches}, threads=1)["w"]
+    assert tokens > 0 and got["node_us"] > 0 and got["run_us"] >= got["node_us"] * 0.5
+    assert "MatMulIntegerToFloat" in got["per_type_us"] and "QAttention" in got["per_type_us"]
