@@ -68,25 +68,22 @@ def test_any_unicode_is_a_vector_or_a_value_error(embedders, texts):
         _assert_unit(out)
 
 
-class _PoisonedSession:
-    """Wraps a real session and poisons one row of the output."""
+def _poison(emb: Embedder, row: int, value: float) -> None:
+    """Make the embedder's graph runs return one poisoned row (the runs themselves are real)."""
+    real = emb._run
 
-    def __init__(self, real, row: int, value: float) -> None:
-        self._real, self._row, self._value = real, row, value
-
-    def run(self, names, feed):
-        out = self._real.run(names, feed)
-        out[0][self._row] = self._value
+    def run(input_ids, attention_mask):
+        out = real(input_ids, attention_mask)
+        out[row] = value
         return out
 
-    def __getattr__(self, name):
-        return getattr(self._real, name)
+    emb._run = run
 
 
 @pytest.mark.parametrize("value, detail", [(np.nan, "NaN"), (np.inf, "NaN or inf"), (0.5, "norm")])
 def test_non_finite_or_non_unit_output_is_refused_naming_the_input(tiny_artifact, value, detail):
     emb = Embedder(tiny_artifact, device="cpu", precision="fp32")
-    emb._session = _PoisonedSession(emb._session, row=0, value=value)
+    _poison(emb, row=0, value=value)
     texts = ["短", "这是一个比较长的句子，排在批次的第一行", "中"]  # sorted longest first: row 0 is input 1
     with pytest.raises(InvalidOutputError, match="input 1") as info:
         emb.embed(texts)
