@@ -74,10 +74,6 @@ class TorchFp16:
         self.model = load_model(spec, attn_implementation="sdpa").to(device=device, dtype=dtype).eval()
         self.tokenizer = load_tokenizer(spec)
 
-    def sync(self) -> None:
-        if self.device.startswith("cuda"):
-            self.torch.cuda.synchronize()
-
     def embed_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         from export.reference import pool
 
