@@ -94,24 +94,13 @@ def reference_fp32(spec, device: str, texts: list[str]) -> np.ndarray:
     """The FP32 reference on the device with TF32 off (TF32 would make the 'reference' a 10-bit one)."""
     import torch
 
-    from export.reference import load_model, load_tokenizer, pool
+    from export.reference import ReferenceEmbedder, load_model
 
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    model, tokenizer = load_model(spec, attn_implementation="eager").to(device), load_tokenizer(spec)
-    out = []
-    for start in range(0, len(texts), 16):
-        enc = tokenizer(texts[start : start + 16], padding=True, truncation=True,
-                        max_length=spec.max_length, return_tensors="pt")
-        with torch.inference_mode():
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            v = pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask, spec.pooling)
-            if spec.normalize:
-                v = torch.nn.functional.normalize(v, dim=-1)
-            out.append(v.float().cpu().numpy())
-    del model
-    return np.concatenate(out)
+    ref = ReferenceEmbedder(spec, model=load_model(spec, attn_implementation="eager").to(device))
+    return ref.embed(texts, batch_size=16)
 
 
 def matmul_peak(device: str, dtype, n: int, reps: int) -> float:
@@ -144,24 +133,14 @@ def time_batches(fn, ids: np.ndarray, mask: np.ndarray, warmup: int, reps: int) 
 
 
 def profile_ours(model: Path, device: str, ids: np.ndarray, mask: np.ndarray, runs: int) -> dict:
-    import onnxruntime as ort
+    from runtime.batching import Batch
+    from runtime.providers import CPU, CUDA, cuda_options
 
-    from runtime.providers import CPU, CUDA, cuda_options, session_options
+    from .profile import profile_graph
 
-    from .profile import summarise
-
-    opts = session_options(None)
-    opts.enable_profiling = True
-    with tempfile.TemporaryDirectory() as tmp:
-        opts.profile_file_prefix = str(Path(tmp) / "ort")
-        providers = [(CUDA, cuda_options(0)), CPU] if device == "cuda" else [CPU]
-        sess = ort.InferenceSession(str(model), opts, providers=providers)
-        feed = {"input_ids": ids, "attention_mask": mask}
-        feed = {i.name: feed.get(i.name, np.zeros_like(ids)) for i in sess.get_inputs()}
-        for _ in range(2 + runs):
-            sess.run(None, feed)
-        trace = json.loads(Path(sess.end_profiling()).read_text())
-    s = summarise(trace, skip_runs=2)
+    providers = [(CUDA, cuda_options(0)), CPU] if device == "cuda" else [CPU]
+    batches = [Batch(indices=np.arange(len(ids)), input_ids=ids, attention_mask=mask)] * runs
+    s = profile_graph(model, {"batch": batches}, threads=None, providers=providers, warmup=2)["batch"]
     top = dict(list(s["per_type_us"].items())[:12])
     return {"runs": runs, "node_us_per_run": s["node_us"] / runs, "run_us_per_run": s["run_us"] / runs,
             "top_op_types_us_per_run": {k: v / runs for k, v in top.items()}}

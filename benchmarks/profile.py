@@ -43,11 +43,13 @@ def batches_for(tokenizer: Path, texts: list[str], batch_size: int, max_batch_to
     return list(make_batches(enc.ids, enc.lengths, 0, batch_size, max_batch_tokens)), int(np.sum(enc.lengths))
 
 
-def profile_graph(model: Path, workloads: dict[str, list], threads: int) -> dict[str, dict]:
-    """Run each workload once to warm up, then once profiled; return per-op-type microseconds."""
+def profile_graph(model: Path, workloads: dict[str, list], threads: int | None, providers: list | None = None,
+                  warmup: int = 4) -> dict[str, dict]:
+    """Run the first ``warmup`` batches of each workload, then the whole workload profiled; return
+    per-op-type microseconds of the profiled pass. ``providers`` defaults to the CPU provider."""
     import onnxruntime as ort
 
-    from runtime.providers import session_options
+    from runtime.providers import CPU, session_options
 
     out = {}
     for name, batches in workloads.items():
@@ -55,17 +57,17 @@ def profile_graph(model: Path, workloads: dict[str, list], threads: int) -> dict
         opts.enable_profiling = True
         with tempfile.TemporaryDirectory() as tmp:
             opts.profile_file_prefix = str(Path(tmp) / "ort")
-            sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(model), opts, providers=providers or [CPU])
             names = [i.name for i in sess.get_inputs()]
             feeds = []
             for b in batches:
                 f = {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
                      "token_type_ids": np.zeros_like(b.input_ids)}
                 feeds.append({k: f[k] for k in names})
-            # the profile file records every run; mark where the measured pass starts
-            for f in feeds[: min(len(feeds), 4)]:
+            # the profile file records every run; the warm-up runs are skipped when summing
+            warm_runs = min(len(feeds), warmup)
+            for f in feeds[:warm_runs]:
                 sess.run(None, f)
-            warm_runs = min(len(feeds), 4)
             for f in feeds:
                 sess.run(None, f)
             trace = json.loads(Path(sess.end_profiling()).read_text())

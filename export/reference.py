@@ -53,7 +53,10 @@ class ReferenceEmbedder:
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str], batch_size: int = 8) -> np.ndarray:
+        """Vectors of ``texts`` on whatever device the model's weights are (CPU here, a GPU in the device
+        script); tokenisation happens on the host."""
         self.model.eval()  # torch.onnx.export restores the training flag of the module it traced
+        device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(texts), batch_size):
             enc = self.tokenizer(
@@ -63,9 +66,10 @@ class ReferenceEmbedder:
                 max_length=self.spec.max_length,
                 return_tensors="pt",
             )
-            hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-            vec = pool(hidden, enc["attention_mask"], self.spec.pooling)
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            vec = pool(hidden, mask, self.spec.pooling)
             if self.spec.normalize:
                 vec = torch.nn.functional.normalize(vec, p=2, dim=1)
-            out.append(vec.float().numpy())
+            out.append(vec.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
