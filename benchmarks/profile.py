@@ -44,12 +44,14 @@ def batches_for(tokenizer: Path, texts: list[str], batch_size: int, max_batch_to
 
 
 def profile_graph(model: Path, workloads: dict[str, list], threads: int | None, providers: list | None = None,
-                  warmup: int = 4) -> dict[str, dict]:
+                  warmup: int = 4, as_runtime: bool = True) -> dict[str, dict]:
     """Run the first ``warmup`` batches of each workload, then the whole workload profiled; return
-    per-op-type microseconds of the profiled pass. ``providers`` defaults to the CPU provider."""
+    per-op-type microseconds of the profiled pass. ``providers`` defaults to the CPU provider.
+    ``as_runtime``: switch off the graph rewrites the runtime switches off (False for stock graphs, which
+    their users run with onnxruntime's defaults)."""
     import onnxruntime as ort
 
-    from runtime.providers import CPU, session_options
+    from runtime.providers import CPU, disabled_optimizers, session_options
 
     out = {}
     for name, batches in workloads.items():
@@ -57,7 +59,9 @@ def profile_graph(model: Path, workloads: dict[str, list], threads: int | None, 
         opts.enable_profiling = True
         with tempfile.TemporaryDirectory() as tmp:
             opts.profile_file_prefix = str(Path(tmp) / "ort")
-            sess = ort.InferenceSession(str(model), opts, providers=providers or [CPU])
+            chosen = providers or [CPU]
+            off = disabled_optimizers(chosen) if as_runtime else []
+            sess = ort.InferenceSession(str(model), opts, providers=chosen, disabled_optimizers=off)
             names = [i.name for i in sess.get_inputs()]
             feeds = []
             for b in batches:
@@ -163,14 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     info = {"query": f"{len(queries)} batch-1 queries, {q_tokens} tokens",
             "corpus": f"{len(corpus)} texts in {len(c_batches)} batches, {c_tokens} tokens"}
     config = json.loads((files["checkpoint"] / "config.json").read_text())
-    graphs = [("ours int8", files["artifact"] / "model_int8.onnx"),
-              ("ST ONNX recipe int8", files["st-onnx-int8"]),
-              ("ours fp32", files["artifact"] / "model.onnx")]
+    graphs = [("ours int8", files["artifact"] / "model_int8.onnx", True),
+              ("ST ONNX recipe int8", files["st-onnx-int8"], False),
+              ("ours fp32", files["artifact"] / "model.onnx", True)]
     result = {"arch": arch, "threads": args.threads, "cpu": cpu_name(), "onnxruntime": ort.__version__,
               "workloads": list(workloads), "workload_info": info, "graphs": []}
-    for label, model in graphs:
+    for label, model, ours in graphs:
         say(f"[{label}] profiling {', '.join(workloads)} ...")
-        prof = profile_graph(model, workloads, args.threads)
+        prof = profile_graph(model, workloads, args.threads, as_runtime=ours)
         rates, shares = {}, {}
         for wl, batches in workloads.items():
             mm_us = sum(us for op, us in prof[wl]["per_type_us"].items() if op in MATRIX_TYPES)

@@ -238,6 +238,7 @@ def make_activations_static(path: Path, ranges: dict[str, tuple[float, float]]) 
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     fuse_integer_matmuls(model)
+    fold_bias_into_products(model)
     scalar_weight_zero_points(model)
     onnx.save_model(model, str(path))
     return replaced
@@ -312,6 +313,39 @@ def fuse_integer_matmuls(model: onnx.ModelProto) -> int:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return len(replace)
+
+
+def fold_bias_into_products(model: onnx.ModelProto) -> int:
+    """Move the bias ``Add`` that follows a MatMulIntegerToFloat into the product's own bias input.
+
+    The graph's layer norms are plain Add + LayerNormalization (export/optimize.py), so each attention
+    output and FFN down-projection is followed by Add(bias); the fused kernel adds the bias while it
+    writes its output instead of another pass over the tensor. Returns the number of biases moved."""
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    drop: set[int] = set()
+    for n in model.graph.node:
+        if n.op_type != "MatMulIntegerToFloat" or len(n.input) > 6 or len(users.get(n.output[0], [])) != 1:
+            continue
+        add = users[n.output[0]][0]
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        bias = add.input[1] if add.input[0] == n.output[0] else add.input[0]
+        weight = inits.get(n.input[1])
+        if bias not in inits or weight is None or list(inits[bias].dims) != [weight.dims[-1]]:
+            continue
+        while len(n.input) < 6:
+            n.input.append("")
+        n.input.append(bias)
+        n.output[0] = add.output[0]
+        drop.add(id(add))
+    nodes = [n for n in model.graph.node if id(n) not in drop]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return len(drop)
 
 
 def _embed(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:

@@ -64,6 +64,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# onnxruntime graph rewrites the runtime switches off, per device. SkipLayerNormFusion: the exported graphs
+# carry Add + LayerNormalization because onnxruntime's CPU kernel for the fused SkipLayerNormalization is
+# 2-4x slower than the plain ops (export/optimize.py: split_skip_layer_norms); on CUDA the fused kernel is
+# the fast one, so there onnxruntime is left to fuse them at load.
+DISABLED_OPTIMIZERS = {"cpu": ("SkipLayerNormFusion",), "cuda": ()}
+
+
+def disabled_optimizers(providers: list) -> list[str]:
+    """The rewrites to switch off for a session whose first provider is ``providers[0]``."""
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    return list(DISABLED_OPTIMIZERS["cuda" if first == CUDA else "cpu"])
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     # The graph was fused offline; ORT_ENABLE_ALL still adds layout/CPU-specific rewrites at load.
@@ -113,7 +126,9 @@ def create_session(
         providers: list = [(CUDA, cuda_options(device_id)), CPU]
     else:
         providers = [CPU]
-    session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+    session = ort.InferenceSession(
+        str(model_path), sess_options=opts, providers=providers, disabled_optimizers=disabled_optimizers(providers)
+    )
     got = session.get_providers()
     if device == "cuda" and (not got or got[0] != CUDA):
         raise ProviderUnavailableError(

@@ -104,8 +104,9 @@ def test_cuda_session_gets_the_options_and_device(tiny_artifact, monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
 
     class Recorder:
-        def __init__(self, path, sess_options=None, providers=None):
+        def __init__(self, path, sess_options=None, providers=None, disabled_optimizers=None):
             asked["providers"] = providers
+            asked["disabled_optimizers"] = disabled_optimizers
             self._s = real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
 
         def get_providers(self):
@@ -118,6 +119,8 @@ def test_cuda_session_gets_the_options_and_device(tiny_artifact, monkeypatch):
     emb = Embedder(tiny_artifact, device="cuda", device_id=3)
     name, opts = asked["providers"][0]
     assert name == "CUDAExecutionProvider" and opts["device_id"] == 3
+    # onnxruntime's CUDA SkipLayerNormalization is its fast path: left to fuse at load there
+    assert asked["disabled_optimizers"] == []
     assert emb.precision == "fp16"  # the default on CUDA
     # GPU batching: lengths padded to a multiple of 8, and the vectors still match a plain CPU run
     with pytest.warns(UserWarning, match="fp16 variant on CPU"):

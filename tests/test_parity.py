@@ -69,7 +69,7 @@ def test_order_is_preserved_and_rows_are_unit_norm(embedders):
 
 
 def test_manifest_records_parity_and_fusions(tiny_artifact):
-    from export.optimize import expected_fusions
+    from export.optimize import expected_operators
     from runtime import Manifest
 
     m = Manifest.load(tiny_artifact)
@@ -78,7 +78,7 @@ def test_manifest_records_parity_and_fusions(tiny_artifact):
         assert v.parity.validated, name
         assert v.parity.min_cosine >= GATES[name]
         assert v.parity.n_texts > 10
-        for op, n in expected_fusions(layers).items():
+        for op, n in expected_operators(layers).items():
             assert v.fused_operators[op] == n
     assert m.input_names == ("input_ids", "attention_mask") and m.output_name == "embedding"
     assert m.pooling == "cls" and m.normalize and m.max_length == 512
