@@ -140,13 +140,14 @@ def run_export(
                 del m16
         del fused
         if "int8" in precisions:
-            with progress.step("quantising to INT8 (calibrate, smooth, sensitivity pass, per-channel weights)"):
+            with progress.step("quantising to INT8 (calibrate, smooth, split outlier channels, greedy on calibration cosine)"):
                 dst = stage / FILENAMES["int8"]
                 opts = quantize.Int8Options()
                 feeds = calibration_feeds(stage / TOKENIZER_FILE, spec.max_length, pad_id, opts.calibration_texts)
                 info = quantize.quantize_int8(fp32_files[0], dst, feeds, opts)
                 built["int8"] = ([dst], info, fused_counts)
-                progress.say(f"      kept in float32 after the sensitivity pass: {info['float32_nodes'] or 'none'}")
+                progress.say(f"      FFN up-projections split: {len(info['split_ffn_up_nodes'])}; kept in float32: "
+                             f"{info['float32_nodes'] or 'none'}; calibration min cosine {info['calibration_min_cosine_vs_fp32']}")
 
     variants = {
         name: Variant(

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.quantize import fuse_integer_matmuls, scalar_weight_zero_points
+from export.int8_graph import fuse_integer_matmuls, scalar_weight_zero_points
 
 
 def test_int8_graph_has_fused_products_and_scalar_zero_points(tiny_artifact):
@@ -61,3 +61,51 @@ def test_rewrites_keep_the_arithmetic():
         assert [n.op_type for n in rewritten.graph.node] == ["MatMulIntegerToFloat"]
         run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
         np.testing.assert_allclose(run(rewritten), run(plain), rtol=1e-6)
+
+
+def test_float_plan_is_exact_before_quantisation(tiny_artifact, tmp_path):
+    """Smoothing (Mul, or folded into V), the FFN permutation and the outlier side products change no
+    vector in float: all the INT8 error comes from rounding, none from the rewrite."""
+    import onnxruntime as ort
+
+    from export import int8_plan as ip
+    from export.pipeline import calibration_feeds
+
+    fp32 = tiny_artifact / "model.onnx"
+    feeds = calibration_feeds(tiny_artifact / "tokenizer.json", 64, 0, 16)
+    cal = ip.calibrate(fp32, feeds)
+    model = onnx.load(str(fp32))
+    roles = ip.product_roles(model)
+    assert set(roles.values()) == {ip.QKV, ip.ATTENTION_OUTPUT, ip.FFN_UP, ip.FFN_DOWN}
+    plan = ip.Plan(roles=roles)
+    plan.scales = ip.smoothing_scales(model, cal, 0.7, {n for n, r in roles.items() if r != ip.FFN_DOWN})
+    inputs = {n.name: n.input[0] for n in ip.targets(model)}
+    for name, role in roles.items():
+        if role in (ip.FFN_DOWN, ip.FFN_UP):
+            plan.outliers[name] = ip.top_channels(cal.amax(inputs[name]), 3)
+    built, ranges, side = ip.build(fp32, cal, plan)
+    ops = [n.op_type for n in built.graph.node]
+    downs = sum(1 for r in roles.values() if r == ip.FFN_DOWN)
+    ups = sum(1 for r in roles.values() if r == ip.FFN_UP)
+    assert ops.count("Slice") >= downs and ops.count("Gather") >= ups  # downs permuted, ups gathered
+    assert len(side) == downs + ups and len(ranges) == len(roles)
+    path = tmp_path / "built.onnx"
+    onnx.save_model(built, str(path))
+    run = lambda p: np.concatenate([ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, f)[0] for f in feeds])  # noqa: E731
+    np.testing.assert_allclose(run(path), run(fp32), atol=2e-5)
+
+
+def test_manifest_records_the_plan(tiny_artifact):
+    build = json.loads((tiny_artifact / "manifest.json").read_text())["variants"]["int8"]["build"]
+    model = onnx.load(str(tiny_artifact / "model_int8.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    # every FFN down-projection computes its outlier channels in float32 through a Slice (permuted FFN)
+    assert len(build["outlier_channels"]) >= ops.count("Slice") - 1 > 0
+    assert all(len(ch) > 0 for ch in build["outlier_channels"].values())
+    assert build["handback_history"][-1]["calibration_min_cosine"] == build["calibration_min_cosine_vs_fp32"]
+    # biases live inside the fused products: no Add reads a product's output and a 1-D constant
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    fused_out = {n.output[0] for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"}
+    for n in model.graph.node:
+        if n.op_type == "Add" and fused_out & set(n.input):
+            assert not any(i in inits and inits[i].ndim == 1 for i in n.input), n.name

@@ -145,7 +145,7 @@ def test_cuda_session_that_falls_back_to_cpu_is_refused(tiny_artifact, monkeypat
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     real = ort.InferenceSession
 
-    def cpu_only(path, sess_options=None, providers=None):
+    def cpu_only(path, sess_options=None, providers=None, disabled_optimizers=None):
         return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(providers.ort, "InferenceSession", cpu_only)
