@@ -143,7 +143,11 @@ def profile_ours(model: Path, device: str, ids: np.ndarray, mask: np.ndarray, ru
     s = profile_graph(model, {"batch": batches}, threads=None, providers=providers, warmup=2)["batch"]
     top = dict(list(s["per_type_us"].items())[:12])
     return {"runs": runs, "node_us_per_run": s["node_us"] / runs, "run_us_per_run": s["run_us"] / runs,
-            "top_op_types_us_per_run": {k: v / runs for k, v in top.items()}}
+            "top_op_types_us_per_run": {k: v / runs for k, v in top.items()},
+            # the graph ships Add + LayerNormalization (the fast form on CPU); on CUDA onnxruntime should
+            # fuse them back into SkipLayerNormalization at load: this records whether it did
+            "layer_norm_ops": {k: s["events"].get(k, 0) // max(runs, 1) for k in
+                               ("SkipLayerNormalization", "LayerNormalization", "Add")}}
 
 
 def run(out: Path, dry_run: bool, arch: str | None) -> dict:

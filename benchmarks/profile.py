@@ -3,7 +3,8 @@
     python -m benchmarks.profile                    # bge-large-zh: ours int8, ST ONNX recipe int8, ours fp32
     python -m benchmarks.profile --quick            # bge-small-zh
 
-Each graph runs in a session built with the runtime's own session options (plus profiling), on the same
+Each graph runs in a session built with the runtime's own session options (plus profiling; the stock graph
+with onnxruntime's defaults, as its users run it), in two interleaved passes keeping the faster, on the same
 batches the runtime would make: the batch-1 queries of the speed benchmark and its corpus (sorted, cut by
 token budget). The profiler's per-node events are summed by operator type; the table gives each type's share
 of the graph's node time, its milliseconds per workload, and the achieved rate of the matrix-product kernels
@@ -26,6 +27,7 @@ import numpy as np
 from .common import cpu_name, save
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PASSES = 2
 
 # Operator types that do the model's matrix work: the weight products and attention (fused, or as its
 # batched products). Everything else (layer norms, GELU, quantise/scale passes, softmax outside a fused
@@ -172,9 +174,20 @@ def main(argv: list[str] | None = None) -> int:
               ("ours fp32", files["artifact"] / "model.onnx", True)]
     result = {"arch": arch, "threads": args.threads, "cpu": cpu_name(), "onnxruntime": ort.__version__,
               "workloads": list(workloads), "workload_info": info, "graphs": []}
-    for label, model, ours in graphs:
-        say(f"[{label}] profiling {', '.join(workloads)} ...")
-        prof = profile_graph(model, workloads, args.threads, as_runtime=ours)
+    # This VM drifts by 10-20% over minutes, and graphs profiled one after the other met different machine
+    # states (the same u8s8 kernels read 204 vs 268 G ops/s in one run). Every graph is profiled in
+    # PASSES interleaved passes and keeps, per workload, its fastest pass.
+    best: dict[str, dict] = {}
+    for rep in range(PASSES):
+        for label, model, ours in graphs:
+            say(f"[{label}] profiling {', '.join(workloads)} (pass {rep + 1}/{PASSES}) ...")
+            prof = profile_graph(model, workloads, args.threads, as_runtime=ours)
+            kept = best.setdefault(label, {})
+            for wl, p in prof.items():
+                if wl not in kept or p["node_us"] < kept[wl]["node_us"]:
+                    kept[wl] = p
+    for label, model, _ in graphs:
+        prof = best[label]
         rates, shares = {}, {}
         for wl, batches in workloads.items():
             mm_us = sum(us for op, us in prof[wl]["per_type_us"].items() if op in MATRIX_TYPES)

@@ -42,8 +42,22 @@ LABELS = {
 
 
 # ---------------------------------------------------------------------------------------------- setup
+def export_fingerprint() -> str:
+    """sha256 of the export stage's code and calibration text: a cached artifact built by other code is stale."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent / "export"
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.py")) + sorted(root.glob("*.txt")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def prepare(arch: str) -> dict[str, Path]:
-    """Random checkpoint, our artifact (fp32, int8) and the ST-recipe graphs, cached between runs."""
+    """Random checkpoint, our artifact (fp32, int8) and the ST-recipe graphs, cached between runs; our
+    artifact is rebuilt whenever the export code changed since it was built."""
+    import shutil
+
     base = CACHE / arch
     ckpt, artifact = base / "checkpoint", base / "artifact"
     plain, preset = base / "st-onnx-fp32.onnx", base / "st-onnx-int8.onnx"
@@ -51,12 +65,16 @@ def prepare(arch: str) -> dict[str, Path]:
         from export.architectures import materialise
 
         materialise(arch, ckpt, seed=0)
+    stamp, fingerprint = base / "artifact.export-fingerprint", export_fingerprint()
+    if artifact.exists() and (not stamp.is_file() or stamp.read_text() != fingerprint):
+        shutil.rmtree(artifact)
     if not (artifact / "manifest.json").is_file():
         from export.cli import main as export_main
 
         if export_main(["--model", str(ckpt), "--out", str(artifact), "--precision", "fp32,int8",
                         "--query-instruction", "为这个句子生成表示以用于检索相关文章："]) != 0:
             raise SystemExit("export failed")
+        stamp.write_text(fingerprint)
     if not preset.is_file():
         from export.graph import export_onnx
         from export.reference import load_model

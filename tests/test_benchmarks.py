@@ -82,3 +82,19 @@ def test_profile_of_a_real_graph_finds_its_fused_products(tiny_artifact):
     got = profile_graph(tiny_artifact / "model_int8.onnx", {"w": batches}, threads=1)["w"]
     assert tokens > 0 and got["node_us"] > 0 and got["run_us"] >= got["node_us"] * 0.5
     assert "MatMulIntegerToFloat" in got["per_type_us"] and "QAttention" in got["per_type_us"]
+
+
+def test_quality_script_compares_every_path_on_one_run(tiny_checkpoint, tmp_path, monkeypatch):
+    from benchmarks import quality
+
+    monkeypatch.setattr(quality, "SPEED_ROUNDS", 2)
+    result = quality.run(tiny_checkpoint, "sts-b-zh", tmp_path, threads=1)
+    names = [r["path"] for r in result["rows"]]
+    assert names[:4] == ["torch fp32 (transformers)", "ours fp32", "ours fp16", "ours int8"]
+    assert set(STOCK) <= set(names)
+    rows = {r["path"]: r for r in result["rows"]}
+    assert rows[quality.SPEED_BASELINE]["time_vs_default_median"] == 1.0
+    assert rows["ours fp32"]["min_cosine_to_reference"] > 0.99999 and rows["ours fp32"]["spearman_ratio"] > 0.9999
+    assert all(len(r["round_seconds"]) == 2 and r["texts_per_second"] > 0 for r in result["rows"])
+    table = quality.table(result)
+    assert table.count("\n| ") == len(names) + 1 and "time vs default" in table
