@@ -108,7 +108,15 @@ def run(model: Path, data: str, out: Path, threads: int) -> dict:
             print(f"timing round {rnd + 1}/{SPEED_ROUNDS} ...", file=sys.stderr, flush=True)
             for i, path in enumerate(paths):
                 times[i].append(timed(path, texts)[1])
-        base = [p.name for p in paths].index(SPEED_BASELINE)
+        names = [p.name for p in paths]
+        base = names.index(SPEED_BASELINE)
+        # the claim to check: ours INT8 against each stock graph, round by round
+        ours8 = np.array(times[names.index("ours int8")]) if "ours int8" in names else None
+        int8_vs_stock = {
+            name: {"median_round_ratio": float(np.median(ours8 / np.array(times[names.index(name)]))),
+                   "total_ratio": float(ours8.sum() / np.sum(times[names.index(name)]))}
+            for name in STOCK if ours8 is not None
+        }
         for r, t in zip(rows, times):
             r["texts_per_second"] = len(texts) / min(t)
             r["time_vs_default_median"] = float(np.median(np.array(t) / np.array(times[base])))
@@ -126,6 +134,7 @@ def run(model: Path, data: str, out: Path, threads: int) -> dict:
         "ours_int8_float32_nodes": int8_build.get("float32_nodes"),
         "ours_int8_split_ffn_up_nodes": int8_build.get("split_ffn_up_nodes"),
         "speed_rounds": SPEED_ROUNDS,
+        "ours_int8_time_vs_stock": int8_vs_stock,
     }
 
 
@@ -142,6 +151,11 @@ def table(result: dict) -> str:
             f"| {r['path']} | {r['spearman']:.5f} | {r['spearman_ratio']:.4f} | {r['min_cosine_to_reference']:.4f} | "
             f"{r['mean_cosine_to_reference']:.5f} | {size} | {r['texts_per_second']:.0f} | {r['time_vs_default_median']:.3f} |"
         )
+    vs = result.get("ours_int8_time_vs_stock") or {}
+    if vs:
+        lines.append("")
+        lines.append("Ours int8 time / stock time, same rounds: " + "; ".join(
+            f"{name}: median {v['median_round_ratio']:.3f}, total {v['total_ratio']:.3f}" for name, v in vs.items()) + ".")
     return "\n".join(lines)
 
 

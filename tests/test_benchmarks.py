@@ -96,5 +96,6 @@ def test_quality_script_compares_every_path_on_one_run(tiny_checkpoint, tmp_path
     assert rows[quality.SPEED_BASELINE]["time_vs_default_median"] == 1.0
     assert rows["ours fp32"]["min_cosine_to_reference"] > 0.99999 and rows["ours fp32"]["spearman_ratio"] > 0.9999
     assert all(len(r["round_seconds"]) == 2 and r["texts_per_second"] > 0 for r in result["rows"])
+    assert set(result["ours_int8_time_vs_stock"]) == set(STOCK)
     table = quality.table(result)
-    assert table.count("\n| ") == len(names) + 1 and "time vs default" in table
+    assert table.count("\n| ") == len(names) + 1 and "time vs default" in table and "same rounds" in table
