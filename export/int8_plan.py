@@ -197,32 +197,31 @@ def _get(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray:
     return numpy_helper.to_array(inits[name]).astype(np.float64)
 
 
-def _move_outliers_last(model: onnx.ModelProto, node: onnx.NodeProto, channels: np.ndarray) -> bool:
+def _move_outliers_last(producer: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto],
+                        node: onnx.NodeProto, channels: np.ndarray) -> bool:
     """Permute the FFN's inner dimension so ``channels`` of the down-projection's input come last: the
     up-projection's weight columns, the GELU bias and the down-projection's weight rows, all exact. False
-    when the FFN is not MatMul -> (Bias)Gelu -> MatMul with weights of their own."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name: i for i in model.graph.initializer}
+    (and nothing changed) when the FFN is not MatMul -> Gelu/BiasGelu -> MatMul with constant weights."""
     gelu = producer.get(node.input[0])
     up = producer.get(gelu.input[0]) if gelu is not None else None
     if gelu is None or up is None or up.op_type != "MatMul" or up.input[1] not in inits:
         return False
+    bias = gelu.input[1] if len(gelu.input) > 1 and gelu.input[1] else None
+    if bias is not None and (gelu.op_type != "BiasGelu" or bias not in inits):
+        return False  # a bias we cannot permute: leave the order alone (checked before anything changes)
     inner = _get(inits, node.input[1]).shape[0]
     perm = np.concatenate([np.setdiff1d(np.arange(inner), channels), channels])
     _set(inits, up.input[1], _get(inits, up.input[1])[:, perm])
-    if gelu.op_type == "BiasGelu" and len(gelu.input) > 1 and gelu.input[1] in inits:
-        _set(inits, gelu.input[1], _get(inits, gelu.input[1])[perm])
-    elif len(gelu.input) > 1:
-        return False  # a bias we cannot see: leave the order alone (the caller never gets here for BERT)
+    if bias is not None:
+        _set(inits, bias, _get(inits, bias)[perm])
     _set(inits, node.input[1], _get(inits, node.input[1])[perm])
     return True
 
 
-def _fold_into_v(model: onnx.ModelProto, node: onnx.NodeProto, s: np.ndarray) -> None:
+def _fold_into_v(producer: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto],
+                 node: onnx.NodeProto, s: np.ndarray) -> None:
     """Divide V's output columns (weight and bias) of the attention feeding ``node`` by ``s``: the context
     is a weighted sum of V rows, so its channel j is divided by s_j exactly."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name: i for i in model.graph.initializer}
     att = producer[node.input[0]]
     w, b = _get(inits, att.input[1]), _get(inits, att.input[2])
     sizes = next((list(a.ints) for a in att.attribute if a.name == "qkv_hidden_sizes"), None)
@@ -238,9 +237,11 @@ def build(fp32_path: Path, cal: Calibration, plan: Plan) -> tuple[onnx.ModelProt
     quantised product will read, and the names of the float side products (never to be quantised)."""
     model = onnx.load(str(fp32_path))
     inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
     trailing = {name for name, ch in plan.outliers.items()
                 if plan.roles[name] == FFN_DOWN and name not in plan.scales
-                and _move_outliers_last(model, next(n for n in model.graph.node if n.name == name), ch)}
+                and _move_outliers_last(producer, inits, by_name[name], ch)}
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -261,7 +262,7 @@ def build(fp32_path: Path, cal: Calibration, plan: Plan) -> tuple[onnx.ModelProt
         if s is not None:
             w, lo, hi = w * s[:, None], lo / s, hi / s
             if plan.roles[n.name] == ATTENTION_OUTPUT:
-                _fold_into_v(model, n, s)
+                _fold_into_v(producer, inits, n, s)
             else:
                 scale_name, quantised_input = f"{n.name}/smooth_inv_scale", f"{n.name}/smoothed_input"
                 model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), scale_name))

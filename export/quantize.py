@@ -92,17 +92,17 @@ def quantize_int8(
     for name, role in roles.items():
         if role == plan_.FFN_DOWN and options.down_outliers > 0:
             plan.outliers[name] = plan_.top_channels(cal.amax(inputs[name]), options.down_outliers)
-    # FFN up-projections, by how much the split cuts their simulated error (the greedy's first remedy)
+    errors = {name: plan_.simulate(model, cal, plan, name, options.reduce_range, plan.outliers.get(name))
+              for name in roles}
+    # FFN up-projections (not split yet), by how much the split cuts their simulated error: the greedy's
+    # first remedy
     up_gain, up_channels = {}, {}
     for name, role in roles.items():
         if role == plan_.FFN_UP and options.up_outliers > 0:
             ch = plan_.top_channels(plan_.smoothed_amax(cal, plan, name, inputs[name]), options.up_outliers)
             up_channels[name] = ch
-            up_gain[name] = (plan_.simulate(model, cal, plan, name, options.reduce_range)
-                             - plan_.simulate(model, cal, plan, name, options.reduce_range, ch))
+            up_gain[name] = errors[name] - plan_.simulate(model, cal, plan, name, options.reduce_range, ch)
     up_order = sorted(up_gain, key=up_gain.get, reverse=True)
-    errors = {name: plan_.simulate(model, cal, plan, name, options.reduce_range, plan.outliers.get(name))
-              for name in roles}
     del model
     ranked = sorted(errors, key=errors.get, reverse=True)
     limit = int(len(ranked) * options.max_float_fraction)

@@ -109,3 +109,23 @@ def test_manifest_records_the_plan(tiny_artifact):
     for n in model.graph.node:
         if n.op_type == "Add" and fused_out & set(n.input):
             assert not any(i in inits and inits[i].ndim == 1 for i in n.input), n.name
+
+
+def test_ffn_permutation_changes_nothing_when_it_cannot_apply():
+    """A GELU whose bias is not a constant cannot be permuted: the up-projection must be left as it was
+    too, never half-permuted."""
+    from export.int8_plan import _move_outliers_last
+
+    rng = np.random.default_rng(0)
+    w_up, w_down = rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((6, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_up"], ["h"], name="up"),
+        helper.make_node("FastGelu", ["h", "b"], ["g"], name="gelu", domain="com.microsoft"),
+        helper.make_node("MatMul", ["g", "w_down"], ["y"], name="down"),
+    ]
+    graph = helper.make_graph(nodes, "ffn", [], [], [numpy_helper.from_array(w_up, "w_up"), numpy_helper.from_array(w_down, "w_down")])
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    assert not _move_outliers_last(producer, inits, graph.node[2], np.array([1, 3]))
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["w_up"]), w_up)
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["w_down"]), w_down)
