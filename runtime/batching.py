@@ -49,17 +49,27 @@ def make_batches(
 ) -> Iterator[Batch]:
     """Padded int64 batches in the order of ``plan_batches``. ``pad_multiple`` rounds each batch's length
     up (never past ``max_length``): GPUs run tile-aligned shapes faster and see fewer distinct shapes."""
+    for idx in plan_batches(lengths, batch_size, max_batch_tokens):
+        input_ids, mask = pad_batch([ids[i] for i in idx], pad_id, pad_multiple, max_length)
+        yield Batch(indices=idx, input_ids=input_ids, attention_mask=mask)
+
+
+def pad_batch(
+    rows: list[list[int]], pad_id: int, pad_multiple: int = 1, max_length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ids and 0/1 mask for ``rows``, padded to the longest row (rounded up to ``pad_multiple``,
+    never past ``max_length``). The server pads its cross-request batches with this too, so a text is fed
+    to the graph exactly as ``Embedder.embed`` feeds it."""
     if pad_multiple < 1:
         raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
-    for idx in plan_batches(lengths, batch_size, max_batch_tokens):
-        longest = int(lengths[idx].max())
-        if pad_multiple > 1:
-            rounded = -(-longest // pad_multiple) * pad_multiple
-            longest = max(longest, min(rounded, max_length if max_length is not None else rounded))
-        input_ids = np.full((len(idx), longest), pad_id, dtype=np.int64)
-        mask = np.zeros((len(idx), longest), dtype=np.int64)
-        for row, i in enumerate(idx):
-            n = int(lengths[i])
-            input_ids[row, :n] = ids[i]
-            mask[row, :n] = 1
-        yield Batch(indices=idx, input_ids=input_ids, attention_mask=mask)
+    longest = max((len(r) for r in rows), default=0)
+    if pad_multiple > 1:
+        rounded = -(-longest // pad_multiple) * pad_multiple
+        longest = max(longest, min(rounded, max_length if max_length is not None else rounded))
+    input_ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    for r, row in enumerate(rows):
+        n = len(row)
+        input_ids[r, :n] = row
+        mask[r, :n] = 1
+    return input_ids, mask

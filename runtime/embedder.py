@@ -15,7 +15,7 @@ from .errors import ArtifactError, InputTooLongError, InvalidOutputError
 from .integrity import check_external_data, verify_file
 from .manifest import PRECISIONS, Manifest
 from .providers import create_session, resolve_device
-from .tokenizer import TextTokenizer
+from .tokenizer import Encoded, TextTokenizer
 
 _AUTO_ORDER = {"cuda": ("fp16", "fp32", "int8"), "cpu": ("int8", "fp32", "fp16")}
 _NORM_TOLERANCE = 1e-3
@@ -56,6 +56,7 @@ class Embedder:
         threads: int | None = None,
         device_id: int = 0,
         max_batch_tokens: int | None = None,
+        spinning: bool = True,
     ) -> None:
         self._root = Path(path)
         self._manifest = Manifest.load(self._root)
@@ -83,7 +84,7 @@ class Embedder:
             check_external_data(self._root, model_path, {Path(f.path).as_posix() for f in variant.files})
         tok_path = verify_file(self._root, self._manifest.tokenizer)
         self._tokenizer = TextTokenizer(tok_path, self._manifest.max_length)
-        self._session = create_session(model_path, self._device, threads, device_id)
+        self._session = create_session(model_path, self._device, threads, device_id, spinning=spinning)
         self._input_names = [i.name for i in self._session.get_inputs()]
         unknown = set(self._input_names) - {"input_ids", "attention_mask", "token_type_ids"}
         if unknown:
@@ -143,6 +144,17 @@ class Embedder:
         return self._device
 
     @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer (and so the embedding table) knows: valid ids are below it."""
+        return self._tokenizer.vocab_size
+
+    @property
+    def batch_limits(self) -> tuple[int, int, int]:
+        """(default texts per batch, padded tokens per batch, pad multiple) that ``embed`` batches by; the
+        server forms its cross-request batches by the same numbers."""
+        return self._default_batch_size, self._max_batch_tokens, self._pad_multiple
+
+    @property
     def providers(self) -> list[str]:
         """What the onnxruntime session really got, in priority order."""
         return list(self._session.get_providers())
@@ -159,11 +171,11 @@ class Embedder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        encoded = self._encode(list(texts))
+        encoded = self.tokenize(texts)
         if encoded.truncated:
             if not truncate:
                 i = encoded.truncated[0]
-                raise InputTooLongError(i, self._tokenizer.count_tokens(texts[i]), self.max_length)
+                raise InputTooLongError(i, self.count_tokens(texts[i]), self.max_length)
             warnings.warn(TruncationWarning(len(encoded.truncated), encoded.truncated, self.max_length), stacklevel=2)
         for batch in make_batches(
             encoded.ids, encoded.lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
@@ -206,13 +218,21 @@ class Embedder:
             self._session.run_with_iobinding(binding)
         return out if out.dtype == np.float32 else out.astype(np.float32)
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` with special tokens and without truncation (to report how long it was)."""
+        return self._tokenizer.count_tokens(text)
+
     def embed_queries(self, texts: Sequence[str], batch_size: int | None = None, truncate: bool = True) -> np.ndarray:
         """Embed search queries: the manifest's query instruction is prepended to each text."""
         _check_texts(texts)
         prefix = self._manifest.query_instruction
         return self.embed([prefix + t for t in texts], batch_size=batch_size, truncate=truncate)
 
-    def _encode(self, texts: list[str]):
+    def tokenize(self, texts: Sequence[str]) -> Encoded:
+        """Token ids (special tokens included, cut to ``max_length``) of each text as ``embed`` feeds them,
+        and which texts were cut; for callers that batch themselves (the server). Thread-safe."""
+        _check_texts(texts)
+        texts = list(texts)
         try:
             return self._tokenizer.encode(texts)
         except (UnicodeError, TypeError):  # tokenizers rejects unencodable str with a TypeError

@@ -77,8 +77,13 @@ def disabled_optimizers(providers: list) -> list[str]:
     return list(DISABLED_OPTIMIZERS["cuda" if first == CUDA else "cpu"])
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
+    # Spinning keeps intra-op threads busy-waiting for the next parallel section: a little lower latency
+    # for back-to-back runs, but the spinning threads take the cores from everything else in the process
+    # (a server's event loop and tokenisation). The server turns it off.
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # The graph was fused offline; ORT_ENABLE_ALL still adds layout/CPU-specific rewrites at load.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Shapes change from call to call (batch x length), so a memory pattern planned for one shape
@@ -114,9 +119,10 @@ def cuda_options(device_id: int) -> dict[str, object]:
 
 
 def create_session(
-    model_path: str | os.PathLike[str], device: str, threads: int | None, device_id: int = 0
+    model_path: str | os.PathLike[str], device: str, threads: int | None, device_id: int = 0,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
-    opts = session_options(threads)
+    opts = session_options(threads, spinning)
     if device == "cuda":
         # onnxruntime-gpu >= 1.21 finds CUDA and cuDNN from the nvidia-* pip packages only once they are
         # preloaded; without it, a machine with those packages (but no system CUDA) fails the session.

@@ -46,6 +46,10 @@ class TextTokenizer:
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
         return Encoded(ids=ids, truncated=truncated)
 
+    @property
+    def vocab_size(self) -> int:
+        return self._truncating.get_vocab_size(with_added_tokens=True)
+
     def count_tokens(self, text: str) -> int:
         """Length of ``text`` with special tokens and without truncation."""
         return len(self._full.encode(text, add_special_tokens=True).ids)

@@ -153,14 +153,15 @@ def test_cuda_session_that_falls_back_to_cpu_is_refused(tiny_artifact, monkeypat
         Embedder(tiny_artifact, device="cuda")
 
 
-def test_import_loads_neither_torch_nor_transformers(tiny_artifact):
+def test_import_loads_neither_torch_nor_transformers_nor_the_server(tiny_artifact):
     code = textwrap.dedent(
         f"""
         import sys
         import runtime
         v = runtime.Embedder({str(tiny_artifact)!r}, device="cpu").embed(["你好", "hello"])
         assert v.shape == (2, 64), v.shape
-        heavy = sorted(m for m in ("torch", "transformers", "onnx", "sentence_transformers") if m in sys.modules)
+        heavy = sorted(m for m in ("torch", "transformers", "onnx", "sentence_transformers", "starlette",
+                                   "uvicorn", "prometheus_client", "runtime.serve") if m in sys.modules)
         assert not heavy, heavy
         print("clean")
         """

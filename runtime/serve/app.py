@@ -1,0 +1,445 @@
+"""The HTTP layer: routes, request checks, responses and the server's lifecycle (starting, ready,
+draining). Starlette on uvicorn, orjson for bodies; the inference work is in ``engine``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..embedder import Embedder
+from ..errors import EmbedderError
+from ..manifest import MANIFEST_NAME
+from .cache import VectorCache
+from .config import ServeConfig
+from .engine import Job, ModelWorker
+from .errors import ApiError, QueueFull, bad_request, too_large
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .protocol import EmbedRequest, parse_openai, parse_tei
+
+log = logging.getLogger("runtime.serve")
+
+_JSON = "application/json"
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, _JSON)
+
+
+def error_response(err: ApiError) -> Response:
+    return json_response(err.body(), err.status, err.headers)
+
+
+class ServerState:
+    """Phase of the server and the number of requests it has accepted and not yet answered."""
+
+    def __init__(self) -> None:
+        self.phase = "starting"  # -> ready -> draining; or -> failed
+        self.detail = "loading models"
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def begin_drain(self) -> None:
+        if self.phase != "failed":
+            self.phase = "draining"
+            self.detail = "shutting down: finishing accepted requests"
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every accepted request is answered (True) or ``timeout`` passes (False)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.in_flight == 0:
+                return True
+            time.sleep(0.01)
+        return self.in_flight == 0
+
+
+class EmbeddingService:
+    """Everything the routes share: config, models, cache, metrics, state."""
+
+    def __init__(self, config: ServeConfig, on_fatal: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.cache = VectorCache(config.cache_size)
+        self.state = ServerState()
+        self.workers: dict[str, ModelWorker] = {}
+        self.digests: dict[str, str] = {}
+        self.default_model = config.models[0].name
+        self.tokenize_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="tokenize")
+        self.on_fatal = on_fatal
+        self._m_request_counters: dict[tuple[str, int], Any] = {}
+        self._loader = threading.Thread(target=self._load_all, name="load-models", daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        self._loader.start()
+
+    def _load_all(self) -> None:
+        cfg = self.config
+        try:
+            for i, spec in enumerate(cfg.models):
+                self.state.detail = f"loading model {spec.name!r} ({i + 1} of {len(cfg.models)})"
+                emb = Embedder(spec.path, device=cfg.device, precision=cfg.precision, threads=cfg.threads,
+                               max_batch_tokens=cfg.max_batch_tokens, spinning=cfg.spinning)
+                worker = ModelWorker(spec.name, emb, self.cache, self.metrics, max_batch_size=cfg.batch_size,
+                                     max_queue_time=cfg.queue_time_budget, max_queue_tokens=cfg.max_queue_tokens)
+                self.state.detail = f"warming up model {spec.name!r}"
+                t0 = time.perf_counter()
+                worker.warm_up()
+                worker.start()
+                self.digests[spec.name] = hashlib.sha256((spec.path / MANIFEST_NAME).read_bytes()).hexdigest()
+                self.workers[spec.name] = worker
+                log.info("model %r ready: %s, %s on %s, dim %d, max length %d, warm-up %.2f s, %.0f tokens/s",
+                         spec.name, spec.path, emb.precision, emb.providers[0], emb.dim, emb.max_length,
+                         time.perf_counter() - t0, worker.tokens_per_s)
+        except (EmbedderError, OSError, ValueError) as exc:
+            self.state.phase = "failed"
+            self.state.detail = f"cannot load models: {exc}"
+            log.error("%s", self.state.detail)
+            if self.on_fatal is not None:
+                self.on_fatal(self.state.detail)
+            return
+        if self.state.phase == "starting":
+            self.state.phase = "ready"
+            self.state.detail = "ready"
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.stop()
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- shared checks -----------------------------------------------------------------------
+    def check_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key this "
+                           "server was started with (--api-key)", type="authentication_error",
+                           code="invalid_api_key")
+
+    def check_ready(self) -> None:
+        phase = self.state.phase
+        if phase != "ready":
+            raise ApiError(503, f"server is {phase} ({self.state.detail}); retry shortly or use another replica",
+                           type="service_unavailable", code=phase, headers={"Retry-After": "1"})
+
+    def worker_for(self, model: str | None) -> ModelWorker:
+        name = model or self.default_model
+        worker = self.workers.get(name)
+        if worker is None:
+            raise ApiError(404, f"model {name!r} is not served here; served models: {sorted(self.workers)}",
+                           param="model", code="model_not_found")
+        return worker
+
+    async def read_json(self, request: Request) -> Any:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large(f"request body of {declared} bytes is over this server's limit of {limit} bytes "
+                            "(--max-body-bytes); send fewer or shorter inputs per request", None, "body_too_large")
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"request body is over this server's limit of {limit} bytes (--max-body-bytes); "
+                                "send fewer or shorter inputs per request", None, "body_too_large")
+            chunks.append(chunk)
+        try:
+            return orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError as exc:
+            raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from exc
+
+    def count(self, route: str, status: int) -> None:
+        key = (route, status)
+        child = self._m_request_counters.get(key)
+        if child is None:
+            child = self._m_request_counters[key] = self.metrics.requests.labels(route, str(status))
+        child.inc()
+
+    # -- embedding ---------------------------------------------------------------------------
+    async def embed(self, request: Request, req: EmbedRequest, arrived: float) -> tuple[ModelWorker, np.ndarray, int, dict]:
+        """Tokenise, check, answer from the cache what it holds, queue the rest and wait for it.
+        Returns the worker, the vectors, the token count and the timing headers."""
+        worker = self.worker_for(req.model)
+        emb = worker.embedder
+        if req.dimensions is not None and req.dimensions != emb.dim:
+            raise bad_request(f"'dimensions' {req.dimensions} is not supported: model {worker.name!r} gives "
+                              f"{emb.dim}-dimensional vectors and is not trained for truncated ones; omit "
+                              f"'dimensions' or pass {emb.dim}", "dimensions", "unsupported_dimensions")
+        if not req.normalize and emb.manifest.normalize:
+            raise bad_request(f"'normalize': false is not supported: model {worker.name!r} L2-normalises inside "
+                              "its graph (its manifest says so); omit it or pass true", "normalize")
+        t_tok = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        if req.texts is not None:
+            prefix = emb.manifest.query_instruction if req.query else ""
+            texts = [prefix + t for t in req.texts] if prefix else req.texts
+            ids = await loop.run_in_executor(self.tokenize_pool, self._tokenize, emb, texts, req)
+            kind = "query" if req.query else "document"
+            keys: list[Hashable] = [(self.digests[worker.name], kind, t) for t in texts]
+        else:
+            if req.query:
+                raise bad_request("'input_type': \"query\" needs text input (the query instruction is text); "
+                                  "send text, or prepend the instruction's ids yourself", "input_type")
+            ids = self._check_ids(emb, req)
+            keys = [(self.digests[worker.name], "ids", tuple(row)) for row in ids]
+        tokenize_s = time.perf_counter() - t_tok
+        worker_metrics = self.metrics
+        worker_metrics.tokenize_seconds.labels(worker.name).observe(tokenize_s)
+        n_tokens = sum(len(r) for r in ids)
+        if n_tokens > self.config.max_request_tokens:
+            raise too_large(f"'{req.param}' has {n_tokens} tokens in all, more than this server's limit of "
+                            f"{self.config.max_request_tokens} per request (--max-request-tokens); split it",
+                            req.param, "too_many_tokens")
+        job = Job(n=len(ids), dim=emb.dim, deadline=arrived + self.config.request_timeout, loop=loop,
+                  future=loop.create_future())
+        rows = []
+        hits = 0
+        use_cache = self.cache.capacity > 0
+        for i, (row, key) in enumerate(zip(ids, keys)):
+            vec = self.cache.get(key) if use_cache else None
+            if vec is not None:
+                job.vectors[i] = vec
+                hits += 1
+            else:
+                rows.append((i, row, key if use_cache else None))
+        if use_cache:
+            worker_metrics.cache_hits.labels(worker.name).inc(hits)
+            worker_metrics.cache_misses.labels(worker.name).inc(len(rows))
+        if rows:
+            try:
+                worker.submit(job, rows)
+            except QueueFull as full:
+                raise ApiError(429, f"model {worker.name!r} is at capacity ({full.queued_tokens} tokens queued, "
+                               f"limit {full.limit_tokens}); retry after {full.retry_after_s} s or send to another "
+                               "replica", type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(full.retry_after_s)}) from None
+            await self._wait(request, job, arrived)
+        worker_metrics.prompt_tokens.labels(worker.name).inc(n_tokens)
+        headers = {
+            "x-tokenization-time": f"{tokenize_s * 1000:.3f}",
+            "x-queue-time": f"{job.queue_time * 1000:.3f}",
+            "x-inference-time": f"{job.inference_time * 1000:.3f}",
+            "x-cache-hits": str(hits),
+        }
+        return worker, job.vectors, n_tokens, headers
+
+    async def _wait(self, request: Request, job: Job, arrived: float) -> None:
+        """Wait for the job until its deadline; if the client leaves or the deadline passes first, mark the
+        job cancelled so the worker drops its texts before they reach the model."""
+        timeout = max(0.0, job.deadline - time.monotonic())
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({job.future, watcher}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if job.future.done():
+            if job.error is not None:
+                raise ApiError(500, f"the model failed on this request: {job.error}", type="server_error",
+                               code="inference_failed")
+            return
+        job.cancelled = "disconnected" if watcher in done else "deadline"
+        if watcher in done:
+            raise ApiError(499, "client closed the request", code="client_closed")
+        raise ApiError(504, f"request not answered within its deadline of {self.config.request_timeout:g} s "
+                       "(--request-timeout); its remaining work was dropped. Send fewer texts per request or "
+                       "retry when the server is less loaded", type="timeout", code="deadline_exceeded")
+
+    def _tokenize(self, emb: Embedder, texts: list[str], req: EmbedRequest) -> list[list[int]]:
+        try:
+            encoded = emb.tokenize(texts)
+        except (TypeError, ValueError) as exc:
+            raise bad_request(f"'{req.param}': {exc}", req.param, "invalid_text") from exc
+        if encoded.truncated and not req.truncate:
+            i = encoded.truncated[0]
+            n = emb.count_tokens(texts[i])
+            raise bad_request(f"'{req.param}[{i}]' has {n} tokens, more than the model's max length of "
+                              f"{emb.max_length}; shorten it or send \"truncate\": true to keep its first "
+                              f"{emb.max_length} tokens", req.param, "input_too_long")
+        return encoded.ids
+
+    def _check_ids(self, emb: Embedder, req: EmbedRequest) -> list[list[int]]:
+        vocab, limit = emb.vocab_size, emb.max_length
+        rows = req.token_ids or []
+        for i, row in enumerate(rows):
+            if len(row) > limit:
+                raise bad_request(f"'{req.param}[{i}]' has {len(row)} token ids, more than the model's max length "
+                                  f"of {limit}", req.param, "input_too_long")
+            lo, hi = min(row), max(row)
+            if lo < 0 or hi >= vocab:
+                bad = lo if lo < 0 else hi
+                raise bad_request(f"'{req.param}[{i}]' holds token id {bad}, outside the model's vocabulary "
+                                  f"[0, {vocab}); token ids must come from this model's tokenizer (special "
+                                  "tokens included, as it encodes a text)", req.param, "invalid_token_id")
+        return rows
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so the next ASGI message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _openai_body(name: str, vectors: np.ndarray, n_tokens: int, encoding: str) -> dict:
+    if encoding == "base64":
+        raw = np.ascontiguousarray(vectors, dtype="<f4").tobytes()
+        step = vectors.shape[1] * 4
+        items = [base64.b64encode(raw[i * step:(i + 1) * step]).decode("ascii") for i in range(len(vectors))]
+    else:
+        items = list(vectors)
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)],
+        "model": name,
+        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+    }
+
+
+def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = None) -> Starlette:
+    """The ASGI app. Models load in a background thread once it starts, so /health can say 503 meanwhile."""
+    svc = EmbeddingService(config, on_fatal)
+
+    def route(path: str, *, open_route: bool = False, embedding: bool = False):
+        """Wrap a handler: API key, readiness, request metrics, and errors as OpenAI bodies."""
+        def wrap(handler):
+            async def endpoint(request: Request) -> Response:
+                arrived = time.monotonic()
+                t0 = time.perf_counter()
+                if embedding:
+                    svc.state.enter()
+                try:
+                    if not open_route:
+                        svc.check_key(request)
+                    if embedding:
+                        svc.check_ready()
+                    response = await handler(request, arrived)
+                except ApiError as err:
+                    response = error_response(err)
+                except Exception:  # noqa: BLE001 - the boundary: log it, never a traceback in a body
+                    log.exception("unhandled error on %s %s", request.method, path)
+                    response = error_response(ApiError(500, "internal error; the server log has the details",
+                                                       type="server_error", code="internal_error"))
+                finally:
+                    if embedding:
+                        svc.state.leave()
+                status = response.status_code
+                svc.count(path, status)
+                svc.metrics.request_seconds.labels(path).observe(time.perf_counter() - t0)
+                response.headers["x-total-time"] = f"{(time.perf_counter() - t0) * 1000:.3f}"
+                return response
+            return endpoint
+        return wrap
+
+    @route("/v1/embeddings", embedding=True)
+    async def openai_embeddings(request: Request, arrived: float) -> Response:
+        req = parse_openai(await svc.read_json(request), config.max_inputs)
+        worker, vectors, n_tokens, headers = await svc.embed(request, req, arrived)
+        return json_response(_openai_body(worker.name, vectors, n_tokens, req.encoding), 200, headers)
+
+    @route("/embed", embedding=True)
+    async def tei_embed(request: Request, arrived: float) -> Response:
+        req = parse_tei(await svc.read_json(request), config.max_inputs)
+        _, vectors, _, headers = await svc.embed(request, req, arrived)
+        return json_response(vectors, 200, headers)
+
+    @route("/health", open_route=True)
+    async def health(request: Request, arrived: float) -> Response:
+        if svc.state.phase != "ready":
+            raise ApiError(503, f"server is {svc.state.phase}: {svc.state.detail}", type="service_unavailable",
+                           code=svc.state.phase)
+        return json_response({"status": "ok", "models": sorted(svc.workers)})
+
+    @route("/v1/models")
+    async def models(request: Request, arrived: float) -> Response:
+        return json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "bge-onnx"} for name in svc.workers]})
+
+    @route("/info")
+    async def info(request: Request, arrived: float) -> Response:
+        out = []
+        for name, w in svc.workers.items():
+            e, m = w.embedder, w.embedder.manifest
+            out.append({
+                "name": name, "dimension": e.dim, "max_length": e.max_length, "precision": e.precision,
+                "device": e.device, "provider": e.providers[0], "pooling": m.pooling, "normalize": m.normalize,
+                "query_instruction": m.query_instruction, "source_model": m.source.model,
+                "source_revision": m.source.revision, "random_weights": m.source.random_weights,
+                "manifest_sha256": svc.digests[name], "tokens_per_s_estimate": round(w.tokens_per_s, 1),
+                "queue_limit_tokens": w.queue_limit_tokens(),
+            })
+        limits = {k: getattr(config, k) for k in ("max_inputs", "max_request_tokens", "max_body_bytes",
+                                                  "request_timeout", "cache_size")}
+        limits["max_queue_time"] = config.queue_time_budget
+        return json_response({"version": __version__, "status": svc.state.phase, "models": out, "limits": limits})
+
+    @route("/metrics")
+    async def metrics(request: Request, arrived: float) -> Response:
+        return Response(svc.metrics.render(), 200, media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = (f"no route {request.method} {request.url.path}; routes: POST /v1/embeddings, POST /embed, GET "
+               "/v1/models, GET /info, GET /health, GET /metrics")
+        return error_response(ApiError(exc.status_code, msg, code=code))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(ApiError(500, "internal error; the server log has the details", type="server_error",
+                                       code="internal_error"))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        svc.start_loading()
+        try:
+            yield
+        finally:
+            svc.close()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
+            Route("/embeddings", openai_embeddings, methods=["POST"]),
+            Route("/embed", tei_embed, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/info", info, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+    return app

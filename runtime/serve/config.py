@@ -1,0 +1,177 @@
+"""The server's settings: one frozen dataclass, filled from the command line, each option also readable
+from an environment variable (``BGE_SERVE_<OPTION>``, for containers)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_PREFIX = "BGE_SERVE_"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    models: tuple[ModelSpec, ...]
+    host: str = "127.0.0.1"
+    port: int = 8080
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    batch_size: int | None = None
+    max_batch_tokens: int | None = None
+    max_inputs: int = 2048
+    max_request_tokens: int = 262144
+    max_body_bytes: int = 16 * 1024 * 1024
+    request_timeout: float = 30.0
+    max_queue_time: float | None = None  # None: half the request timeout
+    max_queue_tokens: int | None = None
+    cache_size: int = 10000
+    api_key: str | None = None
+    tokenizer_workers: int = 2
+    spinning: bool = False
+    drain_timeout: float = 60.0
+    log_level: str = "info"
+    access_log: bool = False
+
+    @property
+    def queue_time_budget(self) -> float:
+        return self.max_queue_time if self.max_queue_time is not None else self.request_timeout / 2
+
+
+def parse_model(value: str) -> ModelSpec:
+    """``NAME=DIR`` or ``DIR`` (named after the directory)."""
+    name, sep, path = value.partition("=")
+    if not sep:
+        path, name = value, Path(value.rstrip("/")).name
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"--model {value!r}: expected NAME=DIR or DIR")
+    return ModelSpec(name=name, path=Path(path))
+
+
+def _env(name: str, default: object) -> object:
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return n
+
+
+def _non_negative_int(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return n
+
+
+def _positive_float(v: str) -> float:
+    x = float(v)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+    return x
+
+
+def _bool(v: str | bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m runtime.serve",
+        description="Embedding server (OpenAI- and TEI-compatible) over artifacts written by `python -m export`. "
+        f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION> "
+        f"(e.g. {ENV_PREFIX}PORT=9000, {ENV_PREFIX}MODEL='bge=DIR other=DIR2'); the command line wins.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def opt(flag: str, **kw: object) -> None:
+        kw["default"] = _env(flag.lstrip("-"), kw.get("default"))
+        p.add_argument(flag, **kw)  # type: ignore[arg-type]
+
+    env_models = os.environ.get(ENV_PREFIX + "MODEL", "")
+    p.add_argument("--model", action="append", type=parse_model, default=None, metavar="NAME=DIR",
+                   help="artifact directory to serve, as NAME=DIR or DIR (named after the directory); repeat for "
+                   f"several models; the first is the default for requests naming none [{ENV_PREFIX}MODEL: "
+                   "space-separated]")
+    opt("--host", default="127.0.0.1", help="address to listen on")
+    opt("--port", type=int, default=8080, help="port to listen on")
+    opt("--device", default="auto", choices=["auto", "cpu", "cuda"], help="execution provider (cuda fails loudly "
+        "when onnxruntime cannot give it)")
+    opt("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"],
+        help="artifact variant (auto: int8 on CPU, fp16 on CUDA)")
+    opt("--threads", type=_positive_int, default=None, help="onnxruntime intra-op threads per model (default: all "
+        "cores)")
+    opt("--batch-size", type=_positive_int, default=None, help="max texts per batch (default: the runtime's, 32 on "
+        "CPU, 128 on CUDA)")
+    opt("--max-batch-tokens", type=_positive_int, default=None, help="max padded tokens per batch (default: the "
+        "runtime's, 16384 on CPU, 65536 on CUDA)")
+    opt("--max-inputs", type=_positive_int, default=2048, help="max inputs per request (413 past it)")
+    opt("--max-request-tokens", type=_positive_int, default=262144, help="max tokens per request (413 past it)")
+    opt("--max-body-bytes", type=_positive_int, default=16 * 1024 * 1024,
+        help="max request body size, checked before parsing (413 past it)")
+    opt("--request-timeout", type=_positive_float, default=30.0, help="seconds a request may take before it gets "
+        "504; its queued texts are dropped before they reach the model")
+    opt("--max-queue-time", type=_positive_float, default=None, help="admission budget in seconds: a request is "
+        "refused with 429 when the queued tokens would take longer than this to drain at the measured rate "
+        "(default: half the request timeout; set it to a fraction of your latency SLO)")
+    opt("--max-queue-tokens", type=_positive_int, default=None, help="fixed admission limit in queued tokens "
+        "(overrides --max-queue-time)")
+    opt("--cache-size", type=_non_negative_int, default=10000, help="entries of the exact-match vector cache per "
+        "server (0 turns it off)")
+    opt("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    opt("--tokenizer-workers", type=_positive_int, default=2, help="threads that tokenise off the event loop")
+    opt("--spinning", type=_bool, default=False, help="let onnxruntime's intra-op threads spin between runs "
+        "(lower latency alone, but they take the cores from the event loop and tokenisation)")
+    opt("--drain-timeout", type=_positive_float, default=60.0, help="on SIGTERM, seconds to wait for accepted "
+        "requests before exiting anyway")
+    opt("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="log level")
+    opt("--access-log", type=_bool, default=False, help="log every request (costs throughput)")
+    p.set_defaults(_env_models=env_models)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> ServeConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    models = args.model
+    if not models and args._env_models.strip():
+        try:
+            models = [parse_model(v) for v in args._env_models.split()]
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{ENV_PREFIX}MODEL: {exc}")
+    if not models:
+        parser.error("no model to serve: pass --model NAME=DIR (an artifact written by `python -m export`)")
+    names = [m.name for m in models]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        parser.error(f"model names must be unique; repeated: {dupes}")
+    # values from the environment arrive as strings: run them through the same type checks
+    def typed(flag: str, value: object) -> object:
+        action = next(a for a in parser._actions if a.dest == flag)
+        if isinstance(value, str) and action.type is not None:
+            try:
+                return action.type(value)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{ENV_PREFIX}{flag.upper()}: {exc}")
+        if isinstance(value, str) and action.choices is not None and value not in action.choices:
+            parser.error(f"{ENV_PREFIX}{flag.upper()}: {value!r} is not one of {list(action.choices)}")
+        return value
+
+    fields = {k: typed(k, v) for k, v in vars(args).items() if k not in ("model", "_env_models")}
+    return ServeConfig(models=tuple(models), **fields)  # type: ignore[arg-type]

@@ -1,0 +1,265 @@
+"""One inference worker per model: a queue shared by all requests, batches formed across requests.
+
+The event loop tokenises (in a thread pool), checks the cache, and admits a request's texts into the
+model's queue, or refuses them at once when the queue already holds more work than drains within the
+queue-time budget (429 beats a timeout: the client can retry elsewhere now). The worker thread takes the
+queued texts whenever the model is free (no fixed wait when idle), drops the texts of requests that timed
+out or whose client left, and forms the batch that holds the oldest waiting text by the runtime's own
+rules (length-sorted, token budget, no text under half the batch's longest), so a text is fed to the graph
+exactly as ``Embedder.embed`` would feed it and gets the same vector whatever shares its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..batching import pad_batch, plan_batches
+from ..embedder import Embedder
+from ..errors import EmbedderError
+from .cache import VectorCache
+from .errors import QueueFull
+from .metrics import Metrics
+
+log = logging.getLogger("runtime.serve")
+
+_RATE_SMOOTHING = 0.2  # weight of the newest batch in the tokens/s estimate
+
+
+@dataclass(eq=False)
+class Job:
+    """The texts of one request for one model. The worker fills ``vectors``; the handler awaits ``future``.
+
+    ``remaining`` and the timings are written by the worker thread only; ``cancelled`` (the reason: "deadline"
+    or "disconnected") by the event loop only (one attribute store; the worker reads it before each batch)."""
+
+    n: int
+    dim: int
+    deadline: float  # time.monotonic()
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    vectors: np.ndarray = field(init=False)
+    remaining: int = 0
+    cancelled: str | None = None
+    queue_time: float = 0.0
+    inference_time: float = 0.0
+    error: Exception | None = None
+
+    def __post_init__(self) -> None:
+        self.vectors = np.empty((self.n, self.dim), dtype=np.float32)
+
+    def finish(self) -> None:
+        self.loop.call_soon_threadsafe(_resolve, self.future)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+@dataclass(eq=False, slots=True)
+class Item:
+    """One text of a job waiting for the model."""
+
+    job: Job
+    index: int  # position in the request
+    ids: list[int]
+    key: Hashable | None  # cache key, None when the cache is off
+    enqueued: float
+
+
+class ModelWorker:
+    """Owns one ``Embedder`` and the thread that runs it. Admission and queue depth live here."""
+
+    def __init__(
+        self,
+        name: str,
+        embedder: Embedder,
+        cache: VectorCache,
+        metrics: Metrics,
+        *,
+        max_batch_size: int | None,
+        max_queue_time: float,
+        max_queue_tokens: int | None,
+    ) -> None:
+        self.name = name
+        self.embedder = embedder
+        self.cache = cache
+        default_size, self._max_batch_tokens, self._pad_multiple = embedder.batch_limits
+        self._max_batch_size = max_batch_size or default_size
+        self._max_queue_time = max_queue_time
+        self._max_queue_tokens = max_queue_tokens
+        self._pad_id = embedder.manifest.pad_token_id
+        self._max_length = embedder.max_length
+        self._pending: list[Item] = []
+        self._queued_tokens = 0
+        self._tokens_per_s = 0.0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
+        m = metrics
+        self._m_queue_s = m.queue_seconds.labels(name)
+        self._m_infer_s = m.inference_seconds.labels(name)
+        self._m_batch_texts = m.batch_texts.labels(name)
+        self._m_batch_tokens = m.batch_tokens.labels(name)
+        self._m_queue_texts = m.queue_texts.labels(name)
+        self._m_queue_tokens = m.queue_tokens.labels(name)
+        self._m_embedded = m.embedded_texts.labels(name)
+        self._m_dropped = {r: m.dropped_texts.labels(name, r) for r in ("deadline", "disconnected", "failed")}
+        self._m_shed = m.shed_requests.labels(name)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One batch at the longest length (allocates the largest buffers and compiles the kernels before
+        the first user arrives) and one of short texts; both seed the tokens/s estimate admission uses."""
+        long_ids = self.embedder.tokenize(["样" * (2 * self._max_length)]).ids
+        short_ids = self.embedder.tokenize(["warm-up 预热"] * min(8, self._max_batch_size)).ids
+        for rows in (long_ids, short_ids, long_ids, short_ids):
+            ids, mask = pad_batch(rows, self._pad_id, self._pad_multiple, self._max_length)
+            t0 = time.perf_counter()
+            self.embedder.embed_tokens(ids, mask)
+            self._observe_rate(sum(len(r) for r in rows), time.perf_counter() - t0)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- admission (event loop) --------------------------------------------------------------
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    def queue_limit_tokens(self) -> int:
+        """Tokens the queue may hold: the explicit cap, or what drains in ``max_queue_time`` at the measured
+        rate (never below one full-length text, so a long text can always get in when the queue is empty)."""
+        if self._max_queue_tokens is not None:
+            return self._max_queue_tokens
+        return max(self._max_length, int(self._tokens_per_s * self._max_queue_time))
+
+    def submit(self, job: Job, rows: list[tuple[int, list[int], Hashable | None]]) -> None:
+        """Queue ``rows`` (index in request, ids, cache key) of ``job``, or raise ``QueueFull``. A request is
+        admitted whole or not at all; one that alone exceeds the limit still gets in when the queue is
+        empty (the per-request token limit bounds it)."""
+        tokens = sum(len(ids) for _, ids, _ in rows)
+        now = time.monotonic()
+        with self._cond:
+            limit = self.queue_limit_tokens()
+            if self._pending and self._queued_tokens + tokens > limit:
+                self._m_shed.inc()
+                rate = max(self._tokens_per_s, 1.0)
+                raise QueueFull(max(1, math.ceil(self._queued_tokens / rate)), self._queued_tokens, limit)
+            job.remaining = len(rows)
+            self._pending.extend(Item(job, i, ids, key, now) for i, ids, key in rows)
+            self._queued_tokens += tokens
+            self._m_queue_texts.set(len(self._pending))
+            self._m_queue_tokens.set(self._queued_tokens)
+            self._cond.notify()
+
+    # -- the worker thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:  # stopping and nothing left
+                    return
+                batch = self._take_batch()
+            if batch:
+                self._run(batch)
+
+    def _take_batch(self) -> list[Item]:
+        """Under the lock: drop dead texts, then take the batch that holds the oldest waiting text."""
+        now = time.monotonic()
+        alive: list[Item] = []
+        for it in self._pending:
+            job = it.job
+            reason = job.cancelled or ("failed" if job.error is not None else None) or (
+                "deadline" if now > job.deadline else None)
+            if reason is not None:
+                self._queued_tokens -= len(it.ids)
+                self._m_dropped[reason].inc()
+            else:
+                alive.append(it)
+        if not alive:
+            self._pending = []
+            self._m_queue_texts.set(0)
+            self._m_queue_tokens.set(self._queued_tokens)
+            return []
+        if len(alive) == 1:
+            chosen, rest = alive, []
+        else:
+            lengths = np.fromiter((len(it.ids) for it in alive), dtype=np.int64, count=len(alive))
+            plan = plan_batches(lengths, self._max_batch_size, self._max_batch_tokens)
+            # alive is in arrival order, so index 0 is the oldest text: serve its batch first (no starvation)
+            pick = next(b for b in plan if (b == 0).any())
+            taken = np.zeros(len(alive), dtype=bool)
+            taken[pick] = True
+            chosen = [alive[i] for i in sorted(pick.tolist())]
+            rest = [it for it, t in zip(alive, taken) if not t]
+        self._pending = rest
+        self._queued_tokens -= sum(len(it.ids) for it in chosen)
+        self._m_queue_texts.set(len(rest))
+        self._m_queue_tokens.set(self._queued_tokens)
+        return chosen
+
+    def _run(self, batch: list[Item]) -> None:
+        ids, mask = pad_batch([it.ids for it in batch], self._pad_id, self._pad_multiple, self._max_length)
+        start = time.monotonic()
+        t0 = time.perf_counter()
+        try:
+            vectors = self.embedder.embed_tokens(ids, mask)
+        except EmbedderError as exc:  # e.g. a non-finite vector: fail these requests, keep serving
+            log.error("model %s: batch of %d failed: %s", self.name, len(batch), exc)
+            for it in batch:
+                if it.job.error is None:
+                    it.job.error = exc
+                    it.job.finish()
+            return
+        elapsed = time.perf_counter() - t0
+        real_tokens = int(mask.sum())
+        self._observe_rate(real_tokens, elapsed)
+        self._m_infer_s.observe(elapsed)
+        self._m_batch_texts.observe(len(batch))
+        self._m_batch_tokens.observe(ids.size)
+        self._m_embedded.inc(len(batch))
+        seen: set[int] = set()
+        for row, it in enumerate(batch):
+            job = it.job
+            job.vectors[it.index] = vectors[row]
+            if it.key is not None:
+                self.cache.put(it.key, vectors[row])
+            wait = start - it.enqueued
+            if wait > job.queue_time:
+                job.queue_time = wait
+            if id(job) not in seen:
+                seen.add(id(job))
+                job.inference_time += elapsed
+            job.remaining -= 1
+            if job.remaining == 0:
+                self._m_queue_s.observe(job.queue_time)
+                job.finish()
+
+    def _observe_rate(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0 or tokens <= 0:
+            return
+        sample = tokens / seconds
+        if self._tokens_per_s == 0.0:
+            self._tokens_per_s = sample
+        else:
+            self._tokens_per_s += _RATE_SMOOTHING * (sample - self._tokens_per_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self._tokens_per_s

@@ -1,0 +1,128 @@
+"""Request bodies of the two APIs (OpenAI ``/v1/embeddings`` and TEI ``/embed``) parsed into one shape.
+
+Every check names the field (``param``) and, for list elements, the index, so a client sees what to fix.
+Checks that need the model (vocabulary, max length, dimension) happen in the app once the model is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import bad_request, too_large
+
+INPUT_TYPES = ("document", "query")
+ENCODINGS = ("float", "base64")
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """What to embed, however it was asked for. ``texts`` or ``token_ids`` is set, never both."""
+
+    model: str | None
+    texts: list[str] | None
+    token_ids: list[list[int]] | None
+    query: bool  # prepend the manifest's query instruction
+    truncate: bool
+    encoding: str  # "float" | "base64"
+    dimensions: int | None
+    normalize: bool
+    param: str  # name of the input field, for error messages
+
+    def __len__(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids)  # type: ignore[arg-type]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_inputs(value: Any, param: str, max_inputs: int) -> tuple[list[str] | None, list[list[int]] | None]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists (OpenAI's four forms)."""
+    if isinstance(value, str):
+        return [value], None
+    if not isinstance(value, list):
+        raise bad_request(
+            f"'{param}' must be a string, a list of strings, a list of token ids or a list of token-id lists, "
+            f"got {type(value).__name__}", param, "invalid_type")
+    if not value:
+        raise bad_request(f"'{param}' must not be empty", param, "empty_input")
+    if len(value) > max_inputs:
+        raise too_large(
+            f"'{param}' has {len(value)} inputs, more than this server's limit of {max_inputs} per request; "
+            "split it into several requests", param, "too_many_inputs")
+    first = value[0]
+    if isinstance(first, str):
+        for i, v in enumerate(value):
+            if not isinstance(v, str):
+                raise bad_request(f"'{param}[{i}]' is {type(v).__name__}; every element must be a string",
+                                  param, "invalid_type")
+        return value, None
+    if _is_int(first):
+        for i, v in enumerate(value):
+            if not _is_int(v):
+                raise bad_request(f"'{param}[{i}]' is {type(v).__name__}; a token-id list holds only integers",
+                                  param, "invalid_type")
+        return None, [value]
+    if isinstance(first, list):
+        for i, row in enumerate(value):
+            if not isinstance(row, list) or not row:
+                raise bad_request(f"'{param}[{i}]' must be a non-empty list of token ids", param, "invalid_type")
+            for j, v in enumerate(row):
+                if not _is_int(v):
+                    raise bad_request(f"'{param}[{i}][{j}]' is {type(v).__name__}; token ids are integers",
+                                      param, "invalid_type")
+        return None, value
+    raise bad_request(f"'{param}[0]' is {type(first).__name__}; expected a string, an integer token id or a "
+                      "list of token ids", param, "invalid_type")
+
+
+def _optional(body: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is int):
+        raise bad_request(f"'{key}' must be {what}, got {type(value).__name__}", key, "invalid_type")
+    return value
+
+
+def parse_openai(body: Any, max_inputs: int) -> EmbedRequest:
+    """OpenAI's embeddings body, plus the extensions ``input_type`` ("query"/"document") and ``truncate``."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    if "input" not in body:
+        raise bad_request("'input' is required", "input", "missing_field")
+    texts, ids = parse_inputs(body["input"], "input", max_inputs)
+    model = _optional(body, "model", str, "a string")
+    encoding = _optional(body, "encoding_format", str, '"float" or "base64"') or "float"
+    if encoding not in ENCODINGS:
+        raise bad_request(f"'encoding_format' must be one of {list(ENCODINGS)}, got {encoding!r}", "encoding_format")
+    input_type = _optional(body, "input_type", str, '"query" or "document"') or "document"
+    if input_type not in INPUT_TYPES:
+        raise bad_request(f"'input_type' must be one of {list(INPUT_TYPES)}, got {input_type!r}", "input_type")
+    dimensions = _optional(body, "dimensions", int, "an integer")
+    truncate = _optional(body, "truncate", bool, "a boolean")
+    return EmbedRequest(model=model, texts=texts, token_ids=ids, query=input_type == "query",
+                        truncate=True if truncate is None else truncate, encoding=encoding,
+                        dimensions=dimensions, normalize=True, param="input")
+
+
+def parse_tei(body: Any, max_inputs: int) -> EmbedRequest:
+    """text-embeddings-inference's ``/embed`` body: ``inputs``, ``truncate`` (default false, as in TEI),
+    ``normalize``, ``prompt_name`` ("query"), ``truncation_direction`` ("right"); ``model`` as an extension."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    if "inputs" not in body:
+        raise bad_request("'inputs' is required", "inputs", "missing_field")
+    texts, ids = parse_inputs(body["inputs"], "inputs", max_inputs)
+    truncate = _optional(body, "truncate", bool, "a boolean")
+    normalize = _optional(body, "normalize", bool, "a boolean")
+    prompt_name = _optional(body, "prompt_name", str, "a string")
+    if prompt_name not in (None, "query"):
+        raise bad_request(f"'prompt_name' {prompt_name!r} is not defined; this server knows only \"query\" (the "
+                          "model's query instruction)", "prompt_name", "unknown_prompt")
+    direction = _optional(body, "truncation_direction", str, '"right"')
+    if direction is not None and direction.lower() != "right":
+        raise bad_request(f"'truncation_direction' {direction!r} is not supported; only \"right\" (keep the "
+                          "first tokens)", "truncation_direction")
+    return EmbedRequest(model=_optional(body, "model", str, "a string"), texts=texts, token_ids=ids,
+                        query=prompt_name == "query", truncate=bool(truncate), encoding="float",
+                        dimensions=None, normalize=True if normalize is None else normalize, param="inputs")
