@@ -91,13 +91,23 @@ def _bool(v: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v}")
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Show each default once: appended where the help text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtime.serve",
         description="Embedding server (OpenAI- and TEI-compatible) over artifacts written by `python -m export`. "
         f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION> "
         f"(e.g. {ENV_PREFIX}PORT=9000, {ENV_PREFIX}MODEL='bge=DIR other=DIR2'); the command line wins.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
 
     def opt(flag: str, **kw: object) -> None:

@@ -1,0 +1,148 @@
+"""The server's parts in process: options and environment, request parsing, the cache, and the worker's
+queue (admission, oldest-first batches, dropped work) on a real tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from runtime import Embedder
+from runtime.serve.cache import VectorCache
+from runtime.serve.config import parse_args
+from runtime.serve.engine import Job, ModelWorker
+from runtime.serve.errors import ApiError, QueueFull
+from runtime.serve.metrics import Metrics
+from runtime.serve.protocol import parse_openai, parse_tei
+
+
+# -- options ---------------------------------------------------------------------------------------
+def test_options_from_environment_and_command_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("BGE_SERVE_MODEL", f"a={tmp_path}/x {tmp_path}/y")
+    monkeypatch.setenv("BGE_SERVE_PORT", "9001")
+    monkeypatch.setenv("BGE_SERVE_MAX_QUEUE_TIME", "0.05")
+    monkeypatch.setenv("BGE_SERVE_SPINNING", "true")
+    cfg = parse_args([])
+    assert [(m.name, m.path.name) for m in cfg.models] == [("a", "x"), ("y", "y")]
+    assert cfg.port == 9001 and cfg.max_queue_time == 0.05 and cfg.spinning is True
+    assert cfg.queue_time_budget == 0.05
+    cfg = parse_args(["--model", f"b={tmp_path}", "--port", "9002", "--request-timeout", "8"])
+    assert [m.name for m in cfg.models] == ["b"] and cfg.port == 9002
+    monkeypatch.delenv("BGE_SERVE_MAX_QUEUE_TIME")
+    assert parse_args(["--model", str(tmp_path), "--request-timeout", "8"]).queue_time_budget == 4.0
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    (["--model", "a=x", "--model", "a=y"], {}, "unique"),
+    (["--model", "a=x"], {"BGE_SERVE_PORT": "eighty"}, "PORT"),
+    (["--model", "a=x"], {"BGE_SERVE_DEVICE": "tpu"}, "DEVICE"),
+    (["--model", "a=x", "--cache-size", "-1"], {}, ">= 0"),
+    (["--model", "a=x", "--request-timeout", "0"], {}, "> 0"),
+])
+def test_bad_options_exit_with_the_reason(monkeypatch, capsys, argv, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# -- request bodies --------------------------------------------------------------------------------
+def test_openai_body_forms():
+    assert parse_openai({"input": "a"}, 10).texts == ["a"]
+    assert parse_openai({"input": [1, 2, 3]}, 10).token_ids == [[1, 2, 3]]
+    assert parse_openai({"input": [[1], [2, 3]]}, 10).token_ids == [[1], [2, 3]]
+    r = parse_openai({"input": ["a"], "input_type": "query", "encoding_format": "base64", "dimensions": 64,
+                      "user": "u", "truncate": False}, 10)
+    assert r.query and r.encoding == "base64" and r.dimensions == 64 and not r.truncate
+    for bad in ({"input": [True]}, {"input": "a", "dimensions": True}, {"input": "a", "truncate": "no"},
+                {"input": [[1, 2.5]]}, {"input": [[]]}):
+        with pytest.raises(ApiError) as exc:
+            parse_openai(bad, 10)
+        assert exc.value.status == 400
+    with pytest.raises(ApiError) as exc:
+        parse_openai({"input": ["a"] * 11}, 10)
+    assert exc.value.status == 413
+
+
+def test_tei_body_defaults():
+    r = parse_tei({"inputs": ["a", "b"]}, 10)
+    assert r.texts == ["a", "b"] and not r.truncate and r.normalize and not r.query
+    assert parse_tei({"inputs": "a", "prompt_name": "query", "truncation_direction": "Right"}, 10).query
+
+
+# -- cache -----------------------------------------------------------------------------------------
+def test_cache_is_lru_and_read_only():
+    c = VectorCache(2)
+    c.put("a", np.ones(3))
+    c.put("b", np.zeros(3))
+    assert c.get("a") is not None  # a is now the most recent
+    c.put("c", np.ones(3))
+    assert c.get("b") is None and c.get("a") is not None and len(c) == 2
+    with pytest.raises(ValueError):
+        c.get("a")[0] = 5
+    off = VectorCache(0)
+    off.put("a", np.ones(3))
+    assert off.get("a") is None
+
+
+# -- the worker --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_emb(tiny_artifact):
+    return Embedder(tiny_artifact, spinning=False)
+
+
+def _worker(emb, **kw) -> ModelWorker:
+    opts = {"max_batch_size": None, "max_queue_time": 10.0, "max_queue_tokens": None} | kw
+    return ModelWorker("t", emb, VectorCache(0), Metrics(), **opts)
+
+
+def _job(loop, n, dim, timeout=30.0) -> Job:
+    return Job(n=n, dim=dim, deadline=time.monotonic() + timeout, loop=loop, future=loop.create_future())
+
+
+def test_worker_vectors_equal_embed_and_oldest_text_goes_first(tiny_emb):
+    texts = ["短", "一个稍微长一点的句子" * 3, "长" * 300, "中等长度的句子"]
+    ids = tiny_emb.tokenize(texts).ids
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        w = _worker(tiny_emb)
+        jobs = [_job(loop, 1, tiny_emb.dim) for _ in texts]
+        for job, row in zip(jobs, ids):
+            w.submit(job, [(0, row, None)])
+        first = w._take_batch()  # what the worker would run next
+        assert first[0].job is jobs[0]  # the oldest text's batch, not the longest text's
+        w._run(first)
+        w.start()
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 30)
+        w.stop()
+        return np.stack([j.vectors[0] for j in jobs])
+
+    got = asyncio.run(run())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_allclose(got, tiny_emb.embed(texts), atol=1e-6)
+
+
+def test_worker_refuses_past_its_queue_limit_and_drops_dead_work(tiny_emb):
+    async def run():
+        loop = asyncio.get_running_loop()
+        w = _worker(tiny_emb, max_queue_tokens=600)
+        row = tiny_emb.tokenize(["长" * 298]).ids[0]  # 300 tokens
+        big = _job(loop, 3, tiny_emb.dim)
+        w.submit(big, [(i, row, None) for i in range(3)])  # 900 tokens: admitted, the queue was empty
+        with pytest.raises(QueueFull) as exc:
+            w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])
+        assert exc.value.retry_after_s >= 1 and exc.value.limit_tokens == 600
+        big.cancelled = "disconnected"  # its client left: nothing of it may reach the model
+        assert w._take_batch() == [] and w.queued_tokens == 0
+        late = _job(loop, 1, tiny_emb.dim, timeout=-1)  # already past its deadline
+        w.submit(late, [(0, row, None)])
+        assert w._take_batch() == [] and w.queued_tokens == 0
+
+    asyncio.run(run())
