@@ -161,7 +161,8 @@ def test_import_loads_neither_torch_nor_transformers_nor_the_server(tiny_artifac
         v = runtime.Embedder({str(tiny_artifact)!r}, device="cpu").embed(["你好", "hello"])
         assert v.shape == (2, 64), v.shape
         heavy = sorted(m for m in ("torch", "transformers", "onnx", "sentence_transformers", "starlette",
-                                   "uvicorn", "prometheus_client", "runtime.serve") if m in sys.modules)
+                                   "uvicorn", "prometheus_client", "runtime.serve", "ray", "lancedb",
+                                   "pyarrow", "runtime.bulk") if m in sys.modules)
         assert not heavy, heavy
         print("clean")
         """

@@ -1,0 +1,7 @@
+"""``python -m runtime.bulk``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

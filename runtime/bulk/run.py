@@ -1,0 +1,111 @@
+"""One bulk run, start to end: read, plan shards, skip finished ones, embed the rest on an actor pool,
+collect errors, load LanceDB if asked, summarise."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+import ray
+
+from ..embedder import _AUTO_ORDER
+from ..errors import ArtifactError
+from ..manifest import Manifest
+from .engine import ShardWriter
+from .options import BulkOptions, plan_actors
+from .resume import check_state, finished_shards, model_digest, plan_shards, write_atomic
+from .sinks import collect_errors, load_lancedb, metadata
+from .sources import fingerprint, list_inputs, read
+from .summary import BulkSummary
+
+
+def resolve_precision(manifest: Manifest, device: str, precision: str) -> str:
+    """The variant the actors will load, decided on the driver (as ``Embedder`` decides it) so the output
+    can be checked against it before any work starts."""
+    if precision == "auto":
+        for p in _AUTO_ORDER[device]:
+            if p in manifest.variants:
+                return p
+    if precision not in manifest.variants:
+        raise ArtifactError(
+            f"the artifact has no {precision} variant (it has {sorted(manifest.variants)}); pick one of those"
+        )
+    return precision
+
+
+def run_bulk(opts: BulkOptions) -> BulkSummary:
+    """Run ``opts`` on the connected Ray cluster, or on a local one started here (and stopped after)."""
+    t0 = time.perf_counter()
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=opts.ray_address, include_dashboard=False)
+        started = True
+    try:
+        return _run(opts, t0)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(opts: BulkOptions, t0: float) -> BulkSummary:
+    ray.data.DataContext.get_current().enable_progress_bars = opts.progress
+    sink = opts.sink
+    manifest = Manifest.load(opts.model_dir)
+    precision = resolve_precision(manifest, opts.device, opts.precision)
+    digest = model_digest(manifest, precision)
+    files, fmt = list_inputs(opts.input)
+    id_out = opts.id_column or "id"
+    state = {
+        "model": manifest.source.model, "model_digest": digest, "precision": precision,
+        "dimension": manifest.dimension, "input": fingerprint(files), "format": fmt,
+        "text_column": opts.text_column, "id_column": opts.id_column, "keep": list(opts.keep),
+        "input_type": opts.input_type, "truncate": opts.truncate, "shard_rows": opts.shard_rows,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    check_state(sink.work_dir, state)
+    meta = metadata({"model": manifest.source.model, "model_digest": digest, "precision": precision,
+                     "dimension": manifest.dimension, "input_type": opts.input_type})
+
+    resources = ray.cluster_resources()
+    actors, threads = plan_actors(int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), opts.device,
+                                  opts.actors, opts.threads_per_actor)
+    columns = list(dict.fromkeys([opts.text_column, *([opts.id_column] if opts.id_column else []), *opts.keep]))
+    plan = plan_shards(read(files, fmt, columns), opts.shard_rows)
+    done = finished_shards(sink.work_dir)
+    todo = [k for k in range(plan.n_shards) if k not in done]
+    totals = {"rows": 0, "failed": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
+    t_embed = time.perf_counter()
+    if todo:
+        shards = ray.data.from_arrow_refs(plan.cut(todo, opts.text_column))
+        out = shards.map_batches(
+            ShardWriter,
+            fn_constructor_args=(str(opts.model_dir), opts.text_column, opts.id_column, list(opts.keep),
+                                 str(sink.work_dir), meta),
+            fn_constructor_kwargs={"device": opts.device, "precision": precision, "threads": threads,
+                                   "batch_size": opts.batch_size, "query": opts.input_type == "query",
+                                   "truncate": opts.truncate, "crash_once_marker": opts.crash_once_marker},
+            batch_size=None,  # one block = one shard = one call
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=threads,
+            num_gpus=1 if opts.device == "cuda" else 0,
+            )
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for key in totals:
+                totals[key] += sum(batch.column(key).to_pylist())
+    embed_s = time.perf_counter() - t_embed
+    errors_total = collect_errors(sink)
+    if sink.kind == "lancedb":
+        marker = sink.work_dir / "_bulk" / "loaded.json"
+        if todo or not marker.is_file():
+            marker.unlink(missing_ok=True)
+            added = load_lancedb(sink, id_out, meta)
+            write_atomic(marker, json.dumps({"rows_added": added}).encode())
+    return BulkSummary(
+        output=opts.output, total_rows=plan.total_rows, shards=plan.n_shards, skipped_shards=plan.n_shards - len(todo),
+        rows=totals["rows"], failed=totals["failed"], errors_total=errors_total, tokens=totals["tokens"],
+        truncated=totals["truncated"], wall_s=time.perf_counter() - t0, embed_s=embed_s, actor_busy_s=totals["seconds"], actors=actors,
+        threads_per_actor=threads, precision=precision,
+        errors_path=str(sink.errors_path) if errors_total else None,
+    )
