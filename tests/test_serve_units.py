@@ -13,6 +13,7 @@ import pytest
 from runtime import Embedder
 from runtime.serve.cache import VectorCache
 from runtime.serve.config import parse_args
+from runtime.serve.cost import PAD_FACTOR, BatchCost
 from runtime.serve.engine import Job, ModelWorker
 from runtime.serve.errors import ApiError, QueueFull
 from runtime.serve.metrics import Metrics
@@ -90,6 +91,22 @@ def test_cache_is_lru_and_read_only():
     assert off.get("a") is None
 
 
+# -- the cost model ------------------------------------------------------------------------------------
+def test_cost_model_fits_runs_and_follows_the_machine():
+    a, b, c = 0.002, 1e-5, 1e-8
+    truth = lambda n, L: a + b * n * L + c * n * L * L  # noqa: E731
+    cost = BatchCost()
+    cost.fit([(n, L, truth(n, L)) for n, L in [(1, 8), (1, 32), (4, 32), (32, 32), (1, 128), (8, 128), (2, 512)]])
+    np.testing.assert_allclose(cost.coef, [a, b, c], rtol=1e-6)
+    # 40 one-text queries of 30 tokens drain in two runs of 32, not in 40 runs' fixed cost
+    assert cost.drain_seconds(40, 1200, 40 * 900, 32) == pytest.approx(2 * a + PAD_FACTOR * (b * 1200 + c * 36000))
+    for _ in range(100):  # the machine got twice as slow (another process, a throttled CPU)
+        cost.observe(8, 128, 2 * truth(8, 128))
+    assert cost.predict(8, 128) == pytest.approx(2 * truth(8, 128), rel=1e-3)
+    with pytest.raises(ValueError):
+        BatchCost().fit([])
+
+
 # -- the worker --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_emb(tiny_artifact):
@@ -138,7 +155,7 @@ def test_worker_refuses_past_its_queue_limit_and_drops_dead_work(tiny_emb):
         w.submit(big, [(i, row, None) for i in range(3)])  # 900 tokens: admitted, the queue was empty
         with pytest.raises(QueueFull) as exc:
             w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])
-        assert exc.value.retry_after_s >= 1 and exc.value.limit_tokens == 600
+        assert exc.value.retry_after_s >= 1 and "limit 600" in exc.value.reason
         big.cancelled = "disconnected"  # its client left: nothing of it may reach the model
         assert w._take_batch() == [] and w.queued_tokens == 0
         late = _job(loop, 1, tiny_emb.dim, timeout=-1)  # already past its deadline

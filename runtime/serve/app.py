@@ -114,9 +114,10 @@ class EmbeddingService:
                 worker.start()
                 self.digests[spec.name] = hashlib.sha256((spec.path / MANIFEST_NAME).read_bytes()).hexdigest()
                 self.workers[spec.name] = worker
-                log.info("model %r ready: %s, %s on %s, dim %d, max length %d, warm-up %.2f s, %.0f tokens/s",
-                         spec.name, spec.path, emb.precision, emb.providers[0], emb.dim, emb.max_length,
-                         time.perf_counter() - t0, worker.tokens_per_s)
+                log.info("model %r ready: %s, %s on %s, dim %d, max length %d, warm-up %.2f s, one text of 32 "
+                         "tokens %.1f ms, 32 of 32 %.1f ms", spec.name, spec.path, emb.precision, emb.providers[0],
+                         emb.dim, emb.max_length, time.perf_counter() - t0, worker.cost.predict(1, 32) * 1e3,
+                         worker.cost.predict(32, 32) * 1e3)
         except (EmbedderError, OSError, ValueError) as exc:
             self.state.phase = "failed"
             self.state.detail = f"cannot load models: {exc}"
@@ -239,9 +240,9 @@ class EmbeddingService:
             try:
                 worker.submit(job, rows)
             except QueueFull as full:
-                raise ApiError(429, f"model {worker.name!r} is at capacity ({full.queued_tokens} tokens queued, "
-                               f"limit {full.limit_tokens}); retry after {full.retry_after_s} s or send to another "
-                               "replica", type="rate_limit_error", code="queue_full",
+                raise ApiError(429, f"model {worker.name!r} is at capacity ({full.reason}); retry after "
+                               f"{full.retry_after_s} s or send to another replica", type="rate_limit_error",
+                               code="queue_full",
                                headers={"Retry-After": str(full.retry_after_s)}) from None
             await self._wait(request, job, arrived)
         worker_metrics.prompt_tokens.labels(worker.name).inc(n_tokens)
@@ -396,8 +397,11 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
                 "device": e.device, "provider": e.providers[0], "pooling": m.pooling, "normalize": m.normalize,
                 "query_instruction": m.query_instruction, "source_model": m.source.model,
                 "source_revision": m.source.revision, "random_weights": m.source.random_weights,
-                "manifest_sha256": svc.digests[name], "tokens_per_s_estimate": round(w.tokens_per_s, 1),
-                "queue_limit_tokens": w.queue_limit_tokens(),
+                "manifest_sha256": svc.digests[name],
+                "cost_model": {"seconds_per_run": float(w.cost.coef[0]), "seconds_per_token": float(w.cost.coef[1]),
+                               "seconds_per_text_length_squared": float(w.cost.coef[2]),
+                               "scale": float(w.cost.scale)},
+                "queue_seconds": w.queue_seconds(),
             })
         limits = {k: getattr(config, k) for k in ("max_inputs", "max_request_tokens", "max_body_bytes",
                                                   "request_timeout", "cache_size")}

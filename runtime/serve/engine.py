@@ -25,12 +25,12 @@ from ..batching import pad_batch, plan_batches
 from ..embedder import Embedder
 from ..errors import EmbedderError
 from .cache import VectorCache
+from .cost import BatchCost
 from .errors import QueueFull
 from .metrics import Metrics
 
 log = logging.getLogger("runtime.serve")
 
-_RATE_SMOOTHING = 0.2  # weight of the newest batch in the tokens/s estimate
 
 
 @dataclass(eq=False)
@@ -100,7 +100,9 @@ class ModelWorker:
         self._max_length = embedder.max_length
         self._pending: list[Item] = []
         self._queued_tokens = 0
-        self._tokens_per_s = 0.0
+        self._queued_sq = 0  # sum of squared lengths of the queued texts (attention's share of the cost)
+        self.cost = BatchCost()
+        self._busy_until = 0.0  # monotonic time the running batch is expected to end
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
@@ -117,15 +119,24 @@ class ModelWorker:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """One batch at the longest length (allocates the largest buffers and compiles the kernels before
-        the first user arrives) and one of short texts; both seed the tokens/s estimate admission uses."""
-        long_ids = self.embedder.tokenize(["样" * (2 * self._max_length)]).ids
-        short_ids = self.embedder.tokenize(["warm-up 预热"] * min(8, self._max_batch_size)).ids
-        for rows in (long_ids, short_ids, long_ids, short_ids):
-            ids, mask = pad_batch(rows, self._pad_id, self._pad_multiple, self._max_length)
-            t0 = time.perf_counter()
-            self.embedder.embed_tokens(ids, mask)
-            self._observe_rate(sum(len(r) for r in rows), time.perf_counter() - t0)
+        """Runs at the longest length first (allocates the largest buffers before the first user arrives),
+        then a few batch shapes, timed, to fit the cost model admission control uses."""
+        L, size, budget = self._max_length, self._max_batch_size, self._max_batch_tokens
+        token = self.embedder.tokenize(["样"]).ids[0][1:-1] or [self._pad_id]  # one ordinary token id
+        shapes = [(1, L), (1, L), (1, 8), (1, 32), (4, 32), (16, 32), (32, 32), (1, 128), (8, 128), (2, L)]
+        samples = []
+        for i, (n, length) in enumerate(shapes):
+            n, length = max(1, min(n, size, budget // max(length, 1))), min(length, L)
+            ids = np.full((n, length), token[0], dtype=np.int64)
+            mask = np.ones_like(ids)
+            elapsed = float("inf")
+            for _ in range(1 if n * length >= 1024 else 3):  # small shapes: the fastest of 3 (timer noise)
+                t0 = time.perf_counter()
+                self.embedder.embed_tokens(ids, mask)
+                elapsed = min(elapsed, time.perf_counter() - t0)
+            if i > 0:
+                samples.append((n, length, elapsed))
+        self.cost.fit(samples)
 
     def start(self) -> None:
         self._thread.start()
@@ -141,31 +152,42 @@ class ModelWorker:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
-    def queue_limit_tokens(self) -> int:
-        """Tokens the queue may hold: the explicit cap, or what drains in ``max_queue_time`` at the measured
-        rate (never below one full-length text, so a long text can always get in when the queue is empty)."""
-        if self._max_queue_tokens is not None:
-            return self._max_queue_tokens
-        return max(self._max_length, int(self._tokens_per_s * self._max_queue_time))
+    def queue_seconds(self, extra_texts: int = 0, extra_tokens: int = 0, extra_sq: int = 0) -> float:
+        """Estimated time until the queue (plus ``extra``) is worked off: the rest of the running batch and
+        the queued texts in batches, by the cost model."""
+        running = max(0.0, self._busy_until - time.monotonic())
+        return running + self.cost.drain_seconds(len(self._pending) + extra_texts, self._queued_tokens + extra_tokens,
+                                                 self._queued_sq + extra_sq, self._max_batch_size)
 
     def submit(self, job: Job, rows: list[tuple[int, list[int], Hashable | None]]) -> None:
         """Queue ``rows`` (index in request, ids, cache key) of ``job``, or raise ``QueueFull``. A request is
         admitted whole or not at all; one that alone exceeds the limit still gets in when the queue is
         empty (the per-request token limit bounds it)."""
         tokens = sum(len(ids) for _, ids, _ in rows)
+        sq = sum(len(ids) ** 2 for _, ids, _ in rows)
         now = time.monotonic()
         with self._cond:
-            limit = self.queue_limit_tokens()
-            if self._pending and self._queued_tokens + tokens > limit:
-                self._m_shed.inc()
-                rate = max(self._tokens_per_s, 1.0)
-                raise QueueFull(max(1, math.ceil(self._queued_tokens / rate)), self._queued_tokens, limit)
+            if self._pending:
+                if self._max_queue_tokens is not None:
+                    if self._queued_tokens + tokens > self._max_queue_tokens:
+                        self._shed(f"{self._queued_tokens} tokens queued, limit {self._max_queue_tokens} "
+                                   "(--max-queue-tokens)", self.queue_seconds())
+                else:
+                    wait = self.queue_seconds(len(rows), tokens, sq)
+                    if wait > self._max_queue_time:
+                        self._shed(f"the queue would take {wait * 1000:.0f} ms to work off, over the budget of "
+                                   f"{self._max_queue_time * 1000:.0f} ms (--max-queue-time)", wait)
             job.remaining = len(rows)
             self._pending.extend(Item(job, i, ids, key, now) for i, ids, key in rows)
             self._queued_tokens += tokens
+            self._queued_sq += sq
             self._m_queue_texts.set(len(self._pending))
             self._m_queue_tokens.set(self._queued_tokens)
             self._cond.notify()
+
+    def _shed(self, reason: str, wait_s: float) -> None:
+        self._m_shed.inc()
+        raise QueueFull(max(1, math.ceil(wait_s)), reason)
 
     # -- the worker thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -189,6 +211,7 @@ class ModelWorker:
                 "deadline" if now > job.deadline else None)
             if reason is not None:
                 self._queued_tokens -= len(it.ids)
+                self._queued_sq -= len(it.ids) ** 2
                 self._m_dropped[reason].inc()
             else:
                 alive.append(it)
@@ -210,6 +233,9 @@ class ModelWorker:
             rest = [it for it, t in zip(alive, taken) if not t]
         self._pending = rest
         self._queued_tokens -= sum(len(it.ids) for it in chosen)
+        self._queued_sq -= sum(len(it.ids) ** 2 for it in chosen)
+        longest = max(len(it.ids) for it in chosen)
+        self._busy_until = now + self.cost.predict(len(chosen), longest)
         self._m_queue_texts.set(len(rest))
         self._m_queue_tokens.set(self._queued_tokens)
         return chosen
@@ -228,8 +254,7 @@ class ModelWorker:
                     it.job.finish()
             return
         elapsed = time.perf_counter() - t0
-        real_tokens = int(mask.sum())
-        self._observe_rate(real_tokens, elapsed)
+        self.cost.observe(ids.shape[0], ids.shape[1], elapsed)
         self._m_infer_s.observe(elapsed)
         self._m_batch_texts.observe(len(batch))
         self._m_batch_tokens.observe(ids.size)
@@ -250,16 +275,3 @@ class ModelWorker:
             if job.remaining == 0:
                 self._m_queue_s.observe(job.queue_time)
                 job.finish()
-
-    def _observe_rate(self, tokens: int, seconds: float) -> None:
-        if seconds <= 0 or tokens <= 0:
-            return
-        sample = tokens / seconds
-        if self._tokens_per_s == 0.0:
-            self._tokens_per_s = sample
-        else:
-            self._tokens_per_s += _RATE_SMOOTHING * (sample - self._tokens_per_s)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self._tokens_per_s

@@ -42,8 +42,7 @@ def too_large(message: str, param: str | None = None, code: str = "request_too_l
 class QueueFull(Exception):
     """Admission refused: the queue already holds more work than drains within the queue-time budget."""
 
-    def __init__(self, retry_after_s: int, queued_tokens: int, limit_tokens: int) -> None:
-        super().__init__(f"queue full ({queued_tokens} tokens queued, limit {limit_tokens})")
+    def __init__(self, retry_after_s: int, reason: str) -> None:
+        super().__init__(reason)
         self.retry_after_s = retry_after_s
-        self.queued_tokens = queued_tokens
-        self.limit_tokens = limit_tokens
+        self.reason = reason
