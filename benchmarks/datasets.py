@@ -52,6 +52,12 @@ def sohu_long_documents() -> list[str]:
     return [r["sentence2"] for r in _jsonl("sohu-dc.part1.jsonl")]
 
 
+def sohu_short_long() -> Pairs:
+    """SOHU short text vs long news document pairs, labelled 0/3/5 (74% of the documents past 512 tokens)."""
+    rows = _jsonl("sohu-dc.part1.jsonl")
+    return Pairs([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], [float(r["label"]) for r in rows])
+
+
 def sohu_passages() -> list[str]:
     rows = _jsonl("sohu-dd.test.jsonl")
     return [r["sentence1"] for r in rows] + [r["sentence2"] for r in rows]

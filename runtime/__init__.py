@@ -1,5 +1,6 @@
 """Thin BGE embedding runtime over onnxruntime and tokenizers (no torch, no transformers)."""
 
+from .chunking import Chunks
 from .embedder import Embedder, TruncationWarning
 from .errors import (
     ArtifactError,
@@ -13,6 +14,7 @@ from .manifest import FileEntry, Manifest, Parity, Source, Variant
 
 __all__ = [
     "ArtifactError",
+    "Chunks",
     "Embedder",
     "EmbedderError",
     "FileEntry",

@@ -6,14 +6,17 @@ import contextlib
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .batching import make_batches
+from .chunking import DEFAULT_OVERLAP, LONG_TEXT_MODES, Chunks, check_overlap, plan_windows, pool_windows
 from .errors import ArtifactError, InputTooLongError, InvalidOutputError
 from .integrity import check_external_data, verify_file
 from .manifest import PRECISIONS, Manifest
+from .progress import Progress
 from .providers import create_session, resolve_device
 from .tokenizer import Encoded, TextTokenizer
 
@@ -36,8 +39,21 @@ class TruncationWarning(UserWarning):
         shown = ", ".join(map(str, indices[:10])) + (" ..." if count > 10 else "")
         super().__init__(
             f"{count} input(s) exceeded {max_length} tokens and were truncated (indices {shown}); "
-            "pass truncate=False to get an error instead"
+            "pass long_text='chunk' to embed all of each text as overlapping windows, or long_text='error' "
+            "to refuse them"
         )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one ``embed`` call runs: token rows, the text each came from, each text's first row (text i
+    owns rows ``first_row[i]:first_row[i + 1]``), and each row's character span and token count."""
+
+    rows: list[list[int]]
+    owners: np.ndarray
+    first_row: np.ndarray
+    spans: list[tuple[int, int]]
+    token_counts: list[int]
 
 
 class Embedder:
@@ -160,30 +176,137 @@ class Embedder:
         return list(self._session.get_providers())
 
     # -- embedding -------------------------------------------------------------------------
-    def embed(self, texts: Sequence[str], batch_size: int | None = None, truncate: bool = True) -> np.ndarray:
+    def embed(
+        self,
+        texts: Sequence[str],
+        batch_size: int | None = None,
+        truncate: bool | None = None,
+        *,
+        long_text: str | None = None,
+        overlap: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
         """Embed ``texts``; float32 ``(len(texts), dim)`` in input order. ``batch_size`` defaults to 32 on
-        CPU and 128 on CUDA; the token budget (``max_batch_tokens``) caps every batch either way."""
+        CPU and 128 on CUDA; the token budget (``max_batch_tokens``) caps every batch either way.
+
+        A text longer than ``max_length`` tokens, by ``long_text``: ``"truncate"`` (default; keeps its first
+        tokens, with a ``TruncationWarning``), ``"error"`` (``InputTooLongError``) or ``"chunk"`` (windows of
+        ``max_length`` tokens sharing ``overlap`` tokens (None: 64, at most half a window), embedded in the
+        same batches as the other texts, pooled as their token-weighted mean, normalised as the model's
+        vectors are). ``truncate=True`` is ``long_text="truncate"`` and ``truncate=False`` is
+        ``long_text="error"`` (the older spelling, kept). Texts that fit are embedded exactly as without
+        chunking. ``show_progress`` draws a tqdm bar (tokens and texts; needs the ``progress`` extra).
+        """
+        mode = _resolve_long_text(truncate, long_text)
+        batch_size = self._check_call(texts, batch_size)
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        plan = self._plan(texts, mode, overlap)
+        vectors = self._embed_rows(plan.rows, plan.owners, len(texts), batch_size, show_progress)
+        if len(plan.rows) == len(texts):  # nothing was chunked: one row per text, in input order
+            return vectors
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for i in range(len(texts)):
+            a, b = int(plan.first_row[i]), int(plan.first_row[i + 1])
+            if b - a == 1:
+                out[i] = vectors[a]
+            else:
+                out[i] = pool_windows(vectors[a:b], plan.token_counts[a:b], self._manifest.normalize)
+                self._check_output(out[i : i + 1], np.array([i]))
+        return out
+
+    def embed_chunks(
+        self,
+        texts: Sequence[str],
+        batch_size: int | None = None,
+        *,
+        overlap: int | None = None,
+        show_progress: bool = False,
+    ) -> list[Chunks]:
+        """Per text, its window vectors, character spans and token counts (a ``Chunks``), for indexes that
+        store chunks rather than documents. A text that fits is one window spanning all of it (its vector is
+        ``embed``'s); a longer one is cut as ``embed(..., long_text="chunk")`` cuts it, and each window's
+        vector is the vector of ``text[a:b]`` for its span ``(a, b)``."""
+        batch_size = self._check_call(texts, batch_size)
+        if not texts:
+            return []
+        plan = self._plan(texts, "chunk", overlap)
+        vectors = self._embed_rows(plan.rows, plan.owners, len(texts), batch_size, show_progress)
+        result = []
+        for i in range(len(texts)):
+            a, b = int(plan.first_row[i]), int(plan.first_row[i + 1])
+            result.append(Chunks(vectors[a:b], tuple(plan.spans[a:b]), tuple(plan.token_counts[a:b])))
+        return result
+
+    def _check_call(self, texts: Sequence[str], batch_size: int | None) -> int:
         _check_texts(texts)
         if batch_size is None:
             batch_size = self._default_batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out
+        return batch_size
+
+    def _plan(self, texts: Sequence[str], mode: str, overlap: int | None) -> _Plan:
+        """The token rows to embed: one per text that fits (or is truncated), and for ``mode="chunk"`` one
+        per window of each text that does not fit, with the text each row belongs to."""
+        budget = self.max_length - len(self._tokenizer.prefix) - len(self._tokenizer.suffix)
+        if overlap is None:  # 64 tokens, or half a window for models with short windows
+            overlap = min(DEFAULT_OVERLAP, budget // 2)
+        if mode == "chunk":
+            check_overlap(overlap, budget)
         encoded = self.tokenize(texts)
-        if encoded.truncated:
-            if not truncate:
-                i = encoded.truncated[0]
-                raise InputTooLongError(i, self.count_tokens(texts[i]), self.max_length)
-            warnings.warn(TruncationWarning(len(encoded.truncated), encoded.truncated, self.max_length), stacklevel=2)
-        for batch in make_batches(
-            encoded.ids, encoded.lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
-            pad_multiple=self._pad_multiple, max_length=self.max_length,
-        ):
-            vectors = self._run(batch.input_ids, batch.attention_mask)
-            self._check_output(vectors, batch.indices)
-            out[batch.indices] = vectors
+        long = encoded.truncated
+        spans = [(0, len(t)) for t in texts]
+        counts = [len(r) for r in encoded.ids]
+        if long and mode == "error":
+            i = long[0]
+            raise InputTooLongError(i, self.count_tokens(texts[i]), self.max_length)
+        if long and mode == "truncate":
+            warnings.warn(TruncationWarning(len(long), long, self.max_length), stacklevel=3)
+        if mode != "chunk" or not long:
+            n = len(texts)
+            return _Plan(encoded.ids, np.arange(n), np.arange(n + 1), spans, counts)
+        content = dict(zip(long, self._tokenizer.encode_content([texts[i] for i in long])))
+        prefix, suffix = self._tokenizer.prefix, self._tokenizer.suffix
+        rows: list[list[int]] = []
+        owners: list[int] = []
+        first_row = [0]
+        row_spans: list[tuple[int, int]] = []
+        for i in range(len(texts)):
+            enc = content.get(i)
+            if enc is None:
+                rows.append(encoded.ids[i])
+                owners.append(i)
+                row_spans.append(spans[i])
+            else:
+                for w in plan_windows(enc.word_ids, enc.offsets, budget, overlap):
+                    rows.append(prefix + enc.ids[w.start : w.end] + suffix)
+                    owners.append(i)
+                    row_spans.append((w.char_start, w.char_end))
+            first_row.append(len(rows))
+        return _Plan(rows, np.array(owners), np.array(first_row), row_spans, [len(r) for r in rows])
+
+    def _embed_rows(
+        self, rows: list[list[int]], owners: np.ndarray, n_texts: int, batch_size: int, show_progress: bool
+    ) -> np.ndarray:
+        """Embed token rows (special tokens included, at most ``max_length``) in length-sorted batches;
+        float32 ``(len(rows), dim)`` in row order. Errors name the text (``owners``) a bad row came from."""
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        progress = Progress(int(lengths.sum()), n_texts, owners) if show_progress else None
+        try:
+            for batch in make_batches(
+                rows, lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
+                pad_multiple=self._pad_multiple, max_length=self.max_length,
+            ):
+                vectors = self._run(batch.input_ids, batch.attention_mask)
+                self._check_output(vectors, owners[batch.indices])
+                out[batch.indices] = vectors
+                if progress is not None:
+                    progress.update(batch.indices, int(lengths[batch.indices].sum()))
+        finally:
+            if progress is not None:
+                progress.close()
         return out
 
     def embed_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -222,11 +345,24 @@ class Embedder:
         """Tokens of ``text`` with special tokens and without truncation (to report how long it was)."""
         return self._tokenizer.count_tokens(text)
 
-    def embed_queries(self, texts: Sequence[str], batch_size: int | None = None, truncate: bool = True) -> np.ndarray:
-        """Embed search queries: the manifest's query instruction is prepended to each text."""
+    def embed_queries(
+        self,
+        texts: Sequence[str],
+        batch_size: int | None = None,
+        truncate: bool | None = None,
+        *,
+        long_text: str | None = None,
+        overlap: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """Embed search queries: the manifest's query instruction is prepended to each text; the other
+        arguments are ``embed``'s."""
         _check_texts(texts)
         prefix = self._manifest.query_instruction
-        return self.embed([prefix + t for t in texts], batch_size=batch_size, truncate=truncate)
+        return self.embed(
+            [prefix + t for t in texts], batch_size=batch_size, truncate=truncate, long_text=long_text,
+            overlap=overlap, show_progress=show_progress,
+        )
 
     def tokenize(self, texts: Sequence[str]) -> Encoded:
         """Token ids (special tokens included, cut to ``max_length``) of each text as ``embed`` feeds them,
@@ -273,3 +409,18 @@ def _check_texts(texts: object) -> None:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] is {type(t).__name__}, not str; convert or drop it before embedding")
+
+
+def _resolve_long_text(truncate: bool | None, long_text: str | None) -> str:
+    """One mode from the two spellings: ``truncate=True`` is ``"truncate"``, ``truncate=False`` is
+    ``"error"``; both given must agree."""
+    if long_text is None:
+        return "error" if truncate is False else "truncate"
+    if long_text not in LONG_TEXT_MODES:
+        raise ValueError(f"long_text must be one of {LONG_TEXT_MODES}, got {long_text!r}")
+    if truncate is not None and (long_text == "truncate") != bool(truncate):
+        raise ValueError(
+            f"truncate={truncate} contradicts long_text={long_text!r}; pass long_text alone "
+            "(truncate=True is long_text='truncate', truncate=False is long_text='error')"
+        )
+    return long_text

@@ -28,7 +28,8 @@ class InputTooLongError(EmbedderError, ValueError):
         self.max_length = max_length
         super().__init__(
             f"input {index} has {n_tokens} tokens, more than the model's max length of {max_length}; "
-            "shorten or split it, or call embed(..., truncate=True) to keep its first tokens"
+            "shorten it, call embed(..., long_text='chunk') to embed all of it as overlapping windows, "
+            "or embed(..., long_text='truncate') to keep its first tokens"
         )
 
 

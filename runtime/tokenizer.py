@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from .errors import ArtifactError
 
@@ -39,12 +39,29 @@ class TextTokenizer:
         self._truncating.enable_truncation(max_length=max_length)
         self._full.no_padding()
         self._full.no_truncation()
+        self.prefix, self.suffix = self._special_wrap()
+
+    def _special_wrap(self) -> tuple[list[int], list[int]]:
+        """The special ids the post-processor puts before and after a text's own tokens ([CLS] and [SEP] for
+        BERT), found by encoding a probe with and without them: a chunk window is re-wrapped with these."""
+        full = self._full.encode("a", add_special_tokens=True).ids
+        bare = self._full.encode("a", add_special_tokens=False).ids
+        for k in range(len(full) - len(bare) + 1):
+            if full[k : k + len(bare)] == bare:
+                return full[:k], full[k + len(bare) :]
+        raise ArtifactError("the tokenizer's special tokens wrap a text in a way chunking cannot reproduce; "
+                            "use long_text='truncate'")
 
     def encode(self, texts: list[str]) -> Encoded:
         encodings = self._truncating.encode_batch(texts, add_special_tokens=True)
         ids = [e.ids for e in encodings]
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
         return Encoded(ids=ids, truncated=truncated)
+
+    def encode_content(self, texts: list[str]) -> list[Encoding]:
+        """Untruncated encodings without special tokens (ids, character offsets, word ids): the material
+        long texts are cut into windows from."""
+        return self._full.encode_batch(texts, add_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:

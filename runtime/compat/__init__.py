@@ -1,0 +1,26 @@
+"""Drop-ins for code written against other libraries: change one import, keep the calls.
+
+- ``FlagModel`` (FlagEmbedding's, the BGE model card's own library): ``runtime.compat.flagembedding``.
+- ``BGEOnnxEmbeddings`` (a LangChain ``Embeddings``): ``runtime.compat.langchain``, extra ``langchain``.
+- ``BGEOnnxEmbedding`` (a LlamaIndex ``BaseEmbedding``): ``runtime.compat.llamaindex``, extra ``llamaindex``.
+
+The framework adapters are imported on first use, so ``import runtime.compat`` needs no framework.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .flagembedding import FlagModel
+
+_LAZY = {"BGEOnnxEmbeddings": ".langchain", "BGEOnnxEmbedding": ".llamaindex"}
+
+__all__ = ["BGEOnnxEmbedding", "BGEOnnxEmbeddings", "FlagModel"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
