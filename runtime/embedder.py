@@ -45,7 +45,7 @@ class TruncationWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class _Plan:
+class RowPlan:
     """What one ``embed`` call runs: token rows, the text each came from, each text's first row (text i
     owns rows ``first_row[i]:first_row[i + 1]``), and each row's character span and token count."""
 
@@ -201,7 +201,7 @@ class Embedder:
         batch_size = self._check_call(texts, batch_size)
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
-        plan = self._plan(texts, mode, overlap)
+        plan = self.plan_rows(texts, mode, overlap)
         vectors = self._embed_rows(plan.rows, plan.owners, len(texts), batch_size, show_progress)
         if len(plan.rows) == len(texts):  # nothing was chunked: one row per text, in input order
             return vectors
@@ -230,7 +230,7 @@ class Embedder:
         batch_size = self._check_call(texts, batch_size)
         if not texts:
             return []
-        plan = self._plan(texts, "chunk", overlap)
+        plan = self.plan_rows(texts, "chunk", overlap)
         vectors = self._embed_rows(plan.rows, plan.owners, len(texts), batch_size, show_progress)
         result = []
         for i in range(len(texts)):
@@ -246,9 +246,10 @@ class Embedder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return batch_size
 
-    def _plan(self, texts: Sequence[str], mode: str, overlap: int | None) -> _Plan:
+    def plan_rows(self, texts: Sequence[str], mode: str, overlap: int | None = None) -> RowPlan:
         """The token rows to embed: one per text that fits (or is truncated), and for ``mode="chunk"`` one
-        per window of each text that does not fit, with the text each row belongs to."""
+        per window of each text that does not fit, with the text each row belongs to. Public for callers
+        that batch rows themselves (the server); ``embed`` is this plus batching and pooling."""
         budget = self.max_length - len(self._tokenizer.prefix) - len(self._tokenizer.suffix)
         if overlap is None:  # 64 tokens, or half a window for models with short windows
             overlap = min(DEFAULT_OVERLAP, budget // 2)
@@ -265,7 +266,7 @@ class Embedder:
             warnings.warn(TruncationWarning(len(long), long, self.max_length), stacklevel=3)
         if mode != "chunk" or not long:
             n = len(texts)
-            return _Plan(encoded.ids, np.arange(n), np.arange(n + 1), spans, counts)
+            return RowPlan(encoded.ids, np.arange(n), np.arange(n + 1), spans, counts)
         content = dict(zip(long, self._tokenizer.encode_content([texts[i] for i in long])))
         prefix, suffix = self._tokenizer.prefix, self._tokenizer.suffix
         rows: list[list[int]] = []
@@ -284,7 +285,7 @@ class Embedder:
                     owners.append(i)
                     row_spans.append((w.char_start, w.char_end))
             first_row.append(len(rows))
-        return _Plan(rows, np.array(owners), np.array(first_row), row_spans, [len(r) for r in rows])
+        return RowPlan(rows, np.array(owners), np.array(first_row), row_spans, [len(r) for r in rows])
 
     def _embed_rows(
         self, rows: list[list[int]], owners: np.ndarray, n_texts: int, batch_size: int, show_progress: bool

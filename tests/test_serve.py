@@ -118,6 +118,26 @@ def test_tei_embed_route(server, tiny_emb):
     np.testing.assert_allclose(np.array(r.json(), np.float32), _embed(tiny_emb, ["你好"]), atol=1e-6)
 
 
+def test_long_text_choice_per_request(server, tiny_emb):
+    rng = np.random.default_rng(7)
+    texts = ["短句", chinese_text(1500, rng), chinese_text(900, rng)]
+    body = {"model": "tiny", "input": texts, "encoding_format": "float"}
+    chunked = httpx.post(server.url + "/v1/embeddings", json=body | {"long_text": "chunk"})
+    assert chunked.status_code == 200 and int(chunked.headers["x-windows"]) > len(texts)
+    got = np.array([d["embedding"] for d in chunked.json()["data"]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_allclose(got, tiny_emb.embed(texts, long_text="chunk"), atol=1e-6)
+        truncated = tiny_emb.embed(texts)
+    # the same texts truncated (the default) are not answered from the chunked request's cache entries
+    plain = httpx.post(server.url + "/v1/embeddings", json=body)
+    np.testing.assert_allclose(np.array([d["embedding"] for d in plain.json()["data"]], np.float32), truncated,
+                               atol=1e-6)
+    assert np.abs(got[1] - truncated[1]).max() > 1e-4  # so a mix-up would fail the comparisons above
+    tei = httpx.post(server.url + "/embed", json={"inputs": texts, "long_text": "chunk"})
+    np.testing.assert_allclose(np.array(tei.json(), np.float32), got, atol=1e-6)
+
+
 def test_models_info_health(server, minilm_emb):
     r = httpx.get(server.url + "/v1/models")
     assert [m["id"] for m in r.json()["data"]] == ["tiny", "minilm"]
@@ -157,6 +177,9 @@ ERRORS = [
     ("/embed", {"inputs": "a", "prompt_name": "passage"}, 400, "unknown_prompt", "query"),
     ("/embed", {"inputs": "a", "truncation_direction": "Left"}, 400, "invalid_value", "right"),
     ("/embed", {}, 400, "missing_field", "'inputs' is required"),
+    ("/v1/embeddings", {"model": "tiny", "input": "a", "long_text": "split"}, 400, "invalid_value", "long_text"),
+    ("/v1/embeddings", {"model": "tiny", "input": ["长" * 700], "long_text": "error"}, 400, "input_too_long",
+     "\"long_text\": \"chunk\""),
 ]
 
 

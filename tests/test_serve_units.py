@@ -59,7 +59,9 @@ def test_openai_body_forms():
     assert parse_openai({"input": [[1], [2, 3]]}, 10).token_ids == [[1], [2, 3]]
     r = parse_openai({"input": ["a"], "input_type": "query", "encoding_format": "base64", "dimensions": 64,
                       "user": "u", "truncate": False}, 10)
-    assert r.query and r.encoding == "base64" and r.dimensions == 64 and not r.truncate
+    assert r.query and r.encoding == "base64" and r.dimensions == 64 and r.long_text == "error"
+    assert parse_openai({"input": "a"}, 10).long_text == "truncate"
+    assert parse_openai({"input": "a", "truncate": False, "long_text": "chunk"}, 10).long_text == "chunk"
     for bad in ({"input": [True]}, {"input": "a", "dimensions": True}, {"input": "a", "truncate": "no"},
                 {"input": [[1, 2.5]]}, {"input": [[]]}):
         with pytest.raises(ApiError) as exc:
@@ -72,7 +74,7 @@ def test_openai_body_forms():
 
 def test_tei_body_defaults():
     r = parse_tei({"inputs": ["a", "b"]}, 10)
-    assert r.texts == ["a", "b"] and not r.truncate and r.normalize and not r.query
+    assert r.texts == ["a", "b"] and r.long_text == "error" and r.normalize and not r.query
     assert parse_tei({"inputs": "a", "prompt_name": "query", "truncation_direction": "Right"}, 10).query
 
 

@@ -24,8 +24,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..embedder import Embedder
-from ..errors import EmbedderError
+from ..chunking import pool_windows
+from ..embedder import Embedder, RowPlan
+from ..errors import EmbedderError, InputTooLongError
 from ..manifest import MANIFEST_NAME
 from .cache import VectorCache
 from .config import ServeConfig
@@ -201,18 +202,24 @@ class EmbeddingService:
                               "its graph (its manifest says so); omit it or pass true", "normalize")
         t_tok = time.perf_counter()
         loop = asyncio.get_running_loop()
+        digest = self.digests[worker.name]
+        plan: RowPlan | None = None
         if req.texts is not None:
             prefix = emb.manifest.query_instruction if req.query else ""
             texts = [prefix + t for t in req.texts] if prefix else req.texts
-            ids = await loop.run_in_executor(self.tokenize_pool, self._tokenize, emb, texts, req)
-            kind = "query" if req.query else "document"
-            keys: list[Hashable] = [(self.digests[worker.name], kind, t) for t in texts]
+            plan = await loop.run_in_executor(self.tokenize_pool, self._plan, emb, texts, req)
+            ids = plan.rows
+            if len(ids) == len(texts):
+                kind = "query" if req.query else "document"
+                keys: list[Hashable] = [(digest, kind, t) for t in texts]
+            else:  # windows of chunked texts: their ids say everything (instruction included)
+                keys = [(digest, "ids", tuple(row)) for row in ids]
         else:
             if req.query:
                 raise bad_request("'input_type': \"query\" needs text input (the query instruction is text); "
                                   "send text, or prepend the instruction's ids yourself", "input_type")
             ids = self._check_ids(emb, req)
-            keys = [(self.digests[worker.name], "ids", tuple(row)) for row in ids]
+            keys = [(digest, "ids", tuple(row)) for row in ids]
         tokenize_s = time.perf_counter() - t_tok
         worker_metrics = self.metrics
         worker_metrics.tokenize_seconds.labels(worker.name).observe(tokenize_s)
@@ -246,13 +253,17 @@ class EmbeddingService:
                                headers={"Retry-After": str(full.retry_after_s)}) from None
             await self._wait(request, job, arrived)
         worker_metrics.prompt_tokens.labels(worker.name).inc(n_tokens)
+        vectors = job.vectors
+        if plan is not None and len(plan.rows) != len(req):
+            vectors = _pool(plan, vectors, emb.manifest.normalize)
         headers = {
             "x-tokenization-time": f"{tokenize_s * 1000:.3f}",
             "x-queue-time": f"{job.queue_time * 1000:.3f}",
             "x-inference-time": f"{job.inference_time * 1000:.3f}",
             "x-cache-hits": str(hits),
         }
-        return worker, job.vectors, n_tokens, headers
+        headers["x-windows"] = str(len(ids))
+        return worker, vectors, n_tokens, headers
 
     async def _wait(self, request: Request, job: Job, arrived: float) -> None:
         """Wait for the job until its deadline; if the client leaves or the deadline passes first, mark the
@@ -276,18 +287,17 @@ class EmbeddingService:
                        "(--request-timeout); its remaining work was dropped. Send fewer texts per request or "
                        "retry when the server is less loaded", type="timeout", code="deadline_exceeded")
 
-    def _tokenize(self, emb: Embedder, texts: list[str], req: EmbedRequest) -> list[list[int]]:
+    def _plan(self, emb: Embedder, texts: list[str], req: EmbedRequest) -> RowPlan:
+        """Token rows as ``Embedder.embed`` would run them (truncated, or windows for ``long_text`` chunk)."""
         try:
-            encoded = emb.tokenize(texts)
+            return emb.plan_rows(texts, req.long_text)
+        except InputTooLongError as exc:
+            raise bad_request(f"'{req.param}[{exc.index}]' has {exc.n_tokens} tokens, more than the model's max "
+                              f"length of {emb.max_length}; shorten it, send \"truncate\": true to keep its first "
+                              f"{emb.max_length} tokens, or \"long_text\": \"chunk\" to embed all of it",
+                              req.param, "input_too_long") from exc
         except (TypeError, ValueError) as exc:
             raise bad_request(f"'{req.param}': {exc}", req.param, "invalid_text") from exc
-        if encoded.truncated and not req.truncate:
-            i = encoded.truncated[0]
-            n = emb.count_tokens(texts[i])
-            raise bad_request(f"'{req.param}[{i}]' has {n} tokens, more than the model's max length of "
-                              f"{emb.max_length}; shorten it or send \"truncate\": true to keep its first "
-                              f"{emb.max_length} tokens", req.param, "input_too_long")
-        return encoded.ids
 
     def _check_ids(self, emb: Embedder, req: EmbedRequest) -> list[list[int]]:
         vocab, limit = emb.vocab_size, emb.max_length
@@ -303,6 +313,16 @@ class EmbeddingService:
                                   f"[0, {vocab}); token ids must come from this model's tokenizer (special "
                                   "tokens included, as it encodes a text)", req.param, "invalid_token_id")
         return rows
+
+
+def _pool(plan: RowPlan, rows: np.ndarray, normalize: bool) -> np.ndarray:
+    """One vector per text from its windows' vectors (token-weighted mean), as ``Embedder.embed`` pools."""
+    n = len(plan.first_row) - 1
+    out = np.empty((n, rows.shape[1]), dtype=np.float32)
+    for i in range(n):
+        a, b = int(plan.first_row[i]), int(plan.first_row[i + 1])
+        out[i] = rows[a] if b - a == 1 else pool_windows(rows[a:b], plan.token_counts[a:b], normalize)
+    return out
 
 
 async def _disconnected(request: Request) -> None:

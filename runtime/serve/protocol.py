@@ -12,6 +12,7 @@ from typing import Any
 from .errors import bad_request, too_large
 
 INPUT_TYPES = ("document", "query")
+LONG_TEXT = ("truncate", "chunk", "error")
 ENCODINGS = ("float", "base64")
 
 
@@ -23,7 +24,7 @@ class EmbedRequest:
     texts: list[str] | None
     token_ids: list[list[int]] | None
     query: bool  # prepend the manifest's query instruction
-    truncate: bool
+    long_text: str  # "truncate" | "chunk" | "error": what happens to a text past max_length
     encoding: str  # "float" | "base64"
     dimensions: int | None
     normalize: bool
@@ -84,8 +85,19 @@ def _optional(body: dict, key: str, kind: type | tuple[type, ...], what: str) ->
     return value
 
 
+def _long_text(body: dict, truncate: bool | None, default_truncate: bool) -> str:
+    """``long_text`` wins; else ``truncate`` true/false means "truncate"/"error"."""
+    mode = _optional(body, "long_text", str, '"truncate", "chunk" or "error"')
+    if mode is not None:
+        if mode not in LONG_TEXT:
+            raise bad_request(f"'long_text' must be one of {list(LONG_TEXT)}, got {mode!r}", "long_text")
+        return mode
+    return "truncate" if (default_truncate if truncate is None else truncate) else "error"
+
+
 def parse_openai(body: Any, max_inputs: int) -> EmbedRequest:
-    """OpenAI's embeddings body, plus the extensions ``input_type`` ("query"/"document") and ``truncate``."""
+    """OpenAI's embeddings body, plus the extensions ``input_type`` ("query"/"document"), ``truncate``
+    (default true) and ``long_text`` ("truncate"/"chunk"/"error", as ``Embedder.embed``)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
     if "input" not in body:
@@ -101,13 +113,14 @@ def parse_openai(body: Any, max_inputs: int) -> EmbedRequest:
     dimensions = _optional(body, "dimensions", int, "an integer")
     truncate = _optional(body, "truncate", bool, "a boolean")
     return EmbedRequest(model=model, texts=texts, token_ids=ids, query=input_type == "query",
-                        truncate=True if truncate is None else truncate, encoding=encoding,
+                        long_text=_long_text(body, truncate, True), encoding=encoding,
                         dimensions=dimensions, normalize=True, param="input")
 
 
 def parse_tei(body: Any, max_inputs: int) -> EmbedRequest:
     """text-embeddings-inference's ``/embed`` body: ``inputs``, ``truncate`` (default false, as in TEI),
-    ``normalize``, ``prompt_name`` ("query"), ``truncation_direction`` ("right"); ``model`` as an extension."""
+    ``normalize``, ``prompt_name`` ("query"), ``truncation_direction`` ("right"); ``model`` and ``long_text``
+    as extensions."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
     if "inputs" not in body:
@@ -124,5 +137,5 @@ def parse_tei(body: Any, max_inputs: int) -> EmbedRequest:
         raise bad_request(f"'truncation_direction' {direction!r} is not supported; only \"right\" (keep the "
                           "first tokens)", "truncation_direction")
     return EmbedRequest(model=_optional(body, "model", str, "a string"), texts=texts, token_ids=ids,
-                        query=prompt_name == "query", truncate=bool(truncate), encoding="float",
+                        query=prompt_name == "query", long_text=_long_text(body, truncate, False), encoding="float",
                         dimensions=None, normalize=True if normalize is None else normalize, param="inputs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 
 import uvicorn
 
@@ -53,6 +54,11 @@ def _pick(module: str, name: str, fallback: str) -> str:
 def serve(config: ServeConfig) -> int:
     """Serve until a signal; returns the exit code (0 after a clean drain, 1 when the models cannot load)."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..embedder import TruncationWarning
+
+    # truncation is the request's choice (long_text) and is reported per response (x-windows, usage), not
+    # as a warning per request in the log; a process-wide filter, as warnings are process-wide
+    warnings.filterwarnings("ignore", category=TruncationWarning)
     holder: dict[str, _DrainingServer] = {}
     app = create_app(config, on_fatal=lambda reason: holder["server"].fail(reason))
     uv_config = uvicorn.Config(
