@@ -783,6 +783,9 @@ def report(result: dict) -> str:
         f"{m['git_commit'][:10]}{' (dirty)' if m['git_dirty'] else ''}, {m['date']}.",
         f"Mix: {result['mix_description']}",
         "",
+        *([f"Rerun later, side by side with each other only: "
+           + "; ".join(f"{r['server']} ({r['date']}, commit {r['git_commit'][:10]})" for r in result["reruns"])
+           + ". The other servers' figures are from the run above.", ""] if result.get("reruns") else []),
         "Max sustainable rate = highest offered rate with p99 <= SLO and no failures (>= : never failed up to "
         "the ladder's ceiling). The 2x columns are the step at twice that rate. `naive-st-qint8` is "
         "sentence-transformers' qint8 ONNX recipe (optimum's plain export + avx512_vnni dynamic preset, rebuilt "
@@ -877,7 +880,7 @@ async def run_mix(mix: str, names: list[str], files: dict[str, Path], args: argp
                   work: Workload, reference: dict) -> dict:
     """Every server in turn on one request mix; results written after each server."""
     cfg = config(args, mix)
-    max_queue_s = args.max_queue_time if args.max_queue_time is not None else cfg.slo_ms / 2000
+    max_queue_s = args.max_queue_time if args.max_queue_time is not None else 0.7 * cfg.slo_ms / 1000
     result = {
         "arch": cfg.arch, "mix": mix, "mix_description": mix_description(mix), "slo_ms": cfg.slo_ms,
         "threads": cfg.threads, "duration_s": cfg.duration_s, "min_requests": cfg.min_requests,
@@ -886,14 +889,29 @@ async def run_mix(mix: str, names: list[str], files: dict[str, Path], args: argp
         "connections": cfg.connections, "rates": cfg.rates, "start_rps": cfg.start_rps,
         "machine": machine(), "servers": [],
     }
+    previous = args.out / f"serve-{cfg.arch}-{mix}.json"
+    if args.rerun and previous.is_file():
+        # replace only the named servers in the last run's results; each entry says when it was measured
+        result = json.loads(previous.read_text())
+        result.setdefault("reruns", [])
     for name in names:
         try:
             spec = build_spec(name, files, args, max_queue_s, reference["instruction"])
         except Unavailable as exc:
-            result["servers"].append({"server": name, "label": LABELS[name], "unavailable": str(exc)})
+            entry = {"server": name, "label": LABELS[name], "unavailable": str(exc)}
         else:
             log = CACHE / "serve-logs" / f"{cfg.arch}-{mix}-{name}.log"
-            result["servers"].append(await bench_server(spec, work, cfg, reference, log))
+            entry = await bench_server(spec, work, cfg, reference, log)
+        stamp = machine()
+        entry["measured"] = {"date": stamp["date"], "git_commit": stamp["git_commit"], "git_dirty": stamp["git_dirty"]}
+        servers = result["servers"]
+        at = next((i for i, e in enumerate(servers) if e["server"] == name), None)
+        if at is None:
+            servers.append(entry)
+        else:
+            servers[at] = entry
+        if "reruns" in result:
+            result["reruns"].append({"server": name, **entry["measured"]})
         write_outputs(result, args.out)  # partial results survive an interrupted run
     return result
 
@@ -920,10 +938,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="request mix (default both; query with --quick)")
     p.add_argument("--servers", default=",".join(SERVERS), help=f"comma list of {','.join(SERVERS)}")
     p.add_argument("--skip", default="", help="comma list of servers to leave out (e.g. infinity)")
+    p.add_argument("--rerun", action="store_true", help="replace only the named --servers in the existing "
+                   "results file of this arch and mix (each entry records when it was measured)")
     p.add_argument("--slo-ms", type=float, default=None, help="p99 SLO for every mix (default per arch and mix: "
                    + ", ".join(f"{a}/{m} {v:g}" for (a, m), v in SLO_MS.items()) + ")")
     p.add_argument("--max-queue-time", type=float, default=None,
-                   help="seconds passed to runtime.serve --max-queue-time (default: the mix's SLO/2)")
+                   help="seconds passed to runtime.serve --max-queue-time (default: 0.7 x the mix's SLO)")
     p.add_argument("--ours-cache-size", type=int, default=0,
                    help="runtime.serve --cache-size (default 0: texts repeat across the ladder, nobody else caches)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of every server")

@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--request-timeout", type=_positive_float, default=30.0, help="seconds a request may take before it gets "
         "504; its queued texts are dropped before they reach the model")
     opt("--max-queue-time", type=_positive_float, default=None, help="admission budget in seconds: a request is "
-        "refused with 429 when the queued tokens would take longer than this to drain at the measured rate "
-        "(default: half the request timeout; set it to a fraction of your latency SLO)")
+        "refused with 429 when, by the server's cost model, the running batch, the work queued ahead and its own "
+        "texts (counted up to half the budget) would take longer than this (default: half the request timeout; "
+        "for a latency SLO, about 0.7 of it)")
     opt("--max-queue-tokens", type=_positive_int, default=None, help="fixed admission limit in queued tokens "
         "(overrides --max-queue-time)")
     opt("--cache-size", type=_non_negative_int, default=10000, help="entries of the exact-match vector cache per "
