@@ -180,7 +180,13 @@ class ModelWorker:
                     ahead = self.queue_seconds()
                     done = self.queue_seconds(len(rows), tokens, sq)
                     charged = ahead + min(done - ahead, self._max_queue_time / 2)
-                    if charged > self._max_queue_time:
+                    # an estimate over budget is acted on once the queue shows it: its oldest text has waited a
+                    # quarter of the budget (it is not draining), or the estimate is twice the budget. A clump of
+                    # requests that arrived together (the event loop got the CPU back after a run) drains in
+                    # one batch and is not refused for the estimate's noise.
+                    oldest = now - self._pending[0].enqueued
+                    if charged > self._max_queue_time and (
+                            oldest > self._max_queue_time / 4 or charged > 2 * self._max_queue_time):
                         self._shed(f"its texts would be done in about {done * 1000:.0f} ms ({ahead * 1000:.0f} ms "
                                    f"of work queued ahead), over the budget of {self._max_queue_time * 1000:.0f} ms "
                                    "(--max-queue-time)", ahead)
