@@ -268,3 +268,31 @@ def test_sigkill_then_resume_gives_every_id_exactly_once(ray_local, tiny_artifac
     assert ids == [r["pid"] for r in rows]
     assert not list(out.glob(".*.tmp"))
     np.testing.assert_allclose(vectors(table), expected(emb, [r["text"] for r in rows]), rtol=0, atol=1e-6)
+
+
+# -- long texts: pooled windows, or one row per window ------------------------------------------------
+def test_long_text_chunk_pools_and_chunks_writes_one_row_per_window(ray_local, tiny_artifact, emb, tmp_path):
+    rng = np.random.default_rng(3)
+    rows = [{"pid": f"d{i}", "text": chinese_text(n, rng)} for i, n in enumerate([20, 900, 1500, 40, 600])]
+    texts = [r["text"] for r in rows]
+    src = write_input(rows, tmp_path / "long.jsonl", "jsonl")
+    pooled = run_bulk(options(src, tmp_path / "chunk", tiny_artifact, id_column="pid", long_text="chunk"))
+    table = read_output(tmp_path / "chunk")
+    assert table.column("pid").to_pylist() == [r["pid"] for r in rows]
+    np.testing.assert_allclose(vectors(table), emb.embed(texts, long_text="chunk"), rtol=0, atol=1e-6)
+    assert (pooled.rows, pooled.truncated) == (5, 3)  # three texts were cut into windows, none lost a token
+
+    windows = run_bulk(options(src, tmp_path / "chunks", tiny_artifact, id_column="pid", long_text="chunks",
+                               input_type="query"))
+    table = read_output(tmp_path / "chunks")
+    chunks = emb.embed_chunks([emb.manifest.query_instruction + t for t in texts])
+    assert table.column("pid").to_pylist() == [r["pid"] for r, c in zip(rows, chunks) for _ in range(len(c))]
+    assert table.column("window").to_pylist() == [w for c in chunks for w in range(len(c))]
+    np.testing.assert_allclose(vectors(table), np.concatenate([c.vectors for c in chunks]), rtol=0, atol=1e-6)
+    # spans are in the row's own text (the query instruction is not part of it); later windows are exact
+    n_prefix = len(emb.manifest.query_instruction)
+    spans = list(zip(table.column("span_start").to_pylist(), table.column("span_end").to_pylist()))
+    assert spans == [(max(0, a - n_prefix), b - n_prefix) for c in chunks for a, b in c.spans]
+    assert windows.windows == table.num_rows > 5 and windows.rows == 5
+    with pytest.raises(Exception, match="contradicts"):
+        options(src, tmp_path / "x", tiny_artifact, long_text="chunk", truncate=False)

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto")
     p.add_argument("--no-truncate", action="store_true", help="refuse (per row, into errors.jsonl) texts past max length")
+    p.add_argument("--long-text", choices=("truncate", "error", "chunk", "chunks"), default=None,
+                   help="a text past max length: truncate (default), error (= --no-truncate), chunk (windows "
+                   "pooled into one vector, as Embedder.embed(long_text='chunk')), chunks (one output row per "
+                   "window with its parent id, window index and character span)")
     p.add_argument("--no-progress", action="store_true", help="turn off Ray Data's progress bars")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary here")
     p.add_argument("--test-crash-once", default=None, help=argparse.SUPPRESS)
@@ -47,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             id_column=args.id_column, keep=tuple(k for k in args.keep.split(",") if k), input_type=args.input_type,
             actors=args.actors, threads_per_actor=args.threads_per_actor, batch_size=args.batch_size,
             shard_rows=args.shard_rows, ray_address=args.ray_address, device=args.device, precision=args.precision,
-            truncate=not args.no_truncate, progress=not args.no_progress, crash_once_marker=args.test_crash_once,
+            truncate=not args.no_truncate, long_text=args.long_text, progress=not args.no_progress,
+            crash_once_marker=args.test_crash_once,
         )
         from .run import run_bulk  # imports Ray: after the arguments are known to be sane
 

@@ -39,14 +39,18 @@ class EmbedBatch:
 
     def __init__(self, model_dir: str, text_column: str, *, device: str = "cpu", precision: str = "auto",
                  threads: int = 1, batch_size: int | None = None, query: bool = False, truncate: bool = True,
-                 output_column: str = "embedding") -> None:
+                 output_column: str = "embedding", long_text: str | None = None) -> None:
+        if long_text == "chunks":
+            raise ValueError("embed_dataset gives one vector per row: use long_text='chunk' (pooled windows), or "
+                             "Embedder.embed_chunks for one row per window")
         self.emb = _load(model_dir, device, precision, threads)
         self.text_column, self.batch_size, self.query, self.truncate = text_column, batch_size, query, truncate
+        self.long_text = long_text
         self.output_column = output_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         res = embed_rows(self.emb, batch.column(self.text_column).to_pylist(), query=self.query,
-                         truncate=self.truncate, batch_size=self.batch_size)
+                         truncate=self.truncate, batch_size=self.batch_size, long_text=self.long_text)
         full = np.zeros((batch.num_rows, self.emb.dim), np.float32)
         full[res.ok] = res.vectors
         vectors = vector_array(full)
@@ -62,11 +66,13 @@ class ShardWriter:
 
     def __init__(self, model_dir: str, text_column: str, id_column: str | None, keep: list[str], work_dir: str,
                  meta: dict[bytes, bytes], *, device: str, precision: str, threads: int, batch_size: int | None,
-                 query: bool, truncate: bool, crash_once_marker: str | None = None) -> None:
+                 query: bool, truncate: bool, crash_once_marker: str | None = None,
+                 long_text: str | None = None) -> None:
         self.emb = _load(model_dir, device, precision, threads)
         self.text_column, self.id_column, self.keep = text_column, id_column, keep
         self.work_dir, self.meta = Path(work_dir), meta
         self.batch_size, self.query, self.truncate = batch_size, query, truncate
+        self.long_text = long_text
         self.crash_once_marker = crash_once_marker
 
     def _maybe_crash(self) -> None:
@@ -98,15 +104,24 @@ class ShardWriter:
     def _shard(self, shard: int, rows: pa.Table) -> dict[str, Any]:
         t0 = time.perf_counter()
         res = embed_rows(self.emb, rows.column(self.text_column).to_pylist(), query=self.query,
-                         truncate=self.truncate, batch_size=self.batch_size)
+                         truncate=self.truncate, batch_size=self.batch_size, long_text=self.long_text)
         for i, reason in enumerate(rows.column(REASON).to_pylist()):
             if reason is not None:
                 res.reasons[i] = reason  # more precise than "null": what the input really held
         ids = rows.column(self.id_column) if self.id_column else rows.column(POS)
-        ok = pa.array(res.ok)
-        columns = {self.id_column or "id": ids.filter(ok)}
-        for name in self.keep:
-            columns[name] = rows.column(name).filter(ok)
+        if res.windows is not None:  # chunks: one output row per window, with its parent's id and its span
+            take = pa.array([w[0] for w in res.windows], pa.int64())
+            columns = {self.id_column or "id": ids.take(take)}
+            for name in self.keep:
+                columns[name] = rows.column(name).take(take)
+            columns["window"] = pa.array([w[1] for w in res.windows], pa.int32())
+            columns["span_start"] = pa.array([w[2] for w in res.windows], pa.int64())
+            columns["span_end"] = pa.array([w[3] for w in res.windows], pa.int64())
+        else:
+            ok = pa.array(res.ok)
+            columns = {self.id_column or "id": ids.filter(ok)}
+            for name in self.keep:
+                columns[name] = rows.column(name).filter(ok)
         columns["embedding"] = vector_array(res.vectors.reshape(-1, self.emb.dim))
         table = pa.table(columns).replace_schema_metadata(self.meta)
         id_values = ids.to_pylist()
@@ -115,7 +130,8 @@ class ShardWriter:
             for i, r in enumerate(res.reasons) if r is not None
         ]
         write_shard(self.work_dir, shard, table, errors)
-        return {"shard": shard, "rows": int(res.ok.sum()), "failed": len(errors), "tokens": res.tokens,
+        return {"shard": shard, "rows": int(res.ok.sum()), "windows": table.num_rows, "failed": len(errors),
+                "tokens": res.tokens,
                 "truncated": res.truncated, "seconds": time.perf_counter() - t0}
 
 
@@ -133,6 +149,7 @@ def embed_dataset(
     precision: str = "auto",
     truncate: bool = True,
     output_column: str = "embedding",
+    long_text: str | None = None,
 ) -> ray.data.Dataset:
     """``ds`` with ``output_column`` (fixed-size list of float32, each row equal to ``Embedder.embed`` of its
     text) and ``<output_column>_error`` (null, or why that row's embedding is null): a bad row never
@@ -149,7 +166,7 @@ def embed_dataset(
         fn_constructor_args=(str(model_dir), text_column),
         fn_constructor_kwargs={"device": device, "precision": precision, "threads": threads_per_actor,
                                "batch_size": batch_size, "query": input_type == "query", "truncate": truncate,
-                               "output_column": output_column},
+                               "output_column": output_column, "long_text": long_text},
         batch_size=rows_per_call,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),

@@ -74,6 +74,7 @@ class BulkOptions:
     device: str = "cpu"
     precision: str = "auto"
     truncate: bool = True
+    long_text: str | None = None  # truncate | error | chunk | chunks; None: ``truncate`` decides
     progress: bool = True
     # test hook: the first actor call that finds this file absent creates it and kills its own process
     crash_once_marker: str | None = field(default=None, repr=False)
@@ -87,18 +88,26 @@ class BulkOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise BulkConfigError(f"{name} must be >= 1, got {value}")
+        if self.long_text not in (None, "truncate", "error", "chunk", "chunks"):
+            raise BulkConfigError(f"long_text must be truncate, error, chunk or chunks, got {self.long_text!r}")
+        if self.long_text in ("truncate", "chunk", "chunks") and not self.truncate:
+            raise BulkConfigError(f"--no-truncate contradicts --long-text {self.long_text}; pass one of them")
         if self.shard_rows < 1:
             raise BulkConfigError(f"shard_rows must be >= 1, got {self.shard_rows}")
-        if "embedding" in self.keep or (self.id_column is None and "id" in self.keep):
+        if {"embedding", "window", "span_start", "span_end"} & set(self.keep) or (self.id_column is None and "id" in self.keep):
             raise BulkConfigError(
-                "--keep cannot name 'embedding' (or 'id' without --id-column): those output columns are "
-                "written by the run; rename the input column"
+                "--keep cannot name 'embedding', 'window', 'span_start', 'span_end' (or 'id' without --id-column): "
+                "those output columns are written by the run; rename the input column"
             )
         if not Path(self.model_dir, "manifest.json").is_file():
             raise BulkConfigError(
                 f"--model {self.model_dir} is not an artifact directory (no manifest.json); export one with "
                 "`python -m export --out DIR`"
             )
+
+    @property
+    def long_text_mode(self) -> str:
+        return self.long_text or ("truncate" if self.truncate else "error")
 
     @property
     def sink(self) -> Sink:

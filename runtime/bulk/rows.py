@@ -12,19 +12,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..batching import make_batches
+from ..chunking import pool_windows
 from ..embedder import Embedder
 from ..errors import EmbedderError
 
 
+LONG_TEXT = ("truncate", "error", "chunk", "chunks")
+
+
 @dataclass
 class EmbeddedRows:
-    """Vectors of the rows that could be embedded, and why the others could not."""
+    """Vectors of the rows that could be embedded, and why the others could not.
 
-    vectors: np.ndarray  # float32 (n_ok, dim), in row order of ``ok``
+    With ``long_text="chunks"`` a row has one vector per window: ``windows[k]`` is (row, window index,
+    span start, span end) of ``vectors[k]``; otherwise one vector per ok row and ``windows`` is None."""
+
+    vectors: np.ndarray  # float32 (n_ok, dim) in row order of ``ok``; chunks: one per window
     ok: np.ndarray  # bool (n,)
     reasons: list[str | None]  # per row: None if embedded
     tokens: int  # tokens fed to the model (after truncation)
-    truncated: int  # rows cut to max_length
+    truncated: int  # rows cut to max_length (chunk/chunks: rows cut into more than one window)
+    windows: list[tuple[int, int, int, int]] | None = None
 
 
 def as_text(value: object) -> tuple[str | None, str | None]:
@@ -46,9 +54,17 @@ def as_text(value: object) -> tuple[str | None, str | None]:
 
 
 def embed_rows(
-    emb: Embedder, values: list[object], *, query: bool = False, truncate: bool = True, batch_size: int | None = None
+    emb: Embedder, values: list[object], *, query: bool = False, truncate: bool = True, batch_size: int | None = None,
+    long_text: str | None = None,
 ) -> EmbeddedRows:
-    """Embed every usable value; ``query`` prepends the manifest's query instruction (as ``embed_queries``)."""
+    """Embed every usable value; ``query`` prepends the manifest's query instruction (as ``embed_queries``).
+    ``long_text`` ("truncate", "error", "chunk", "chunks"; None: ``truncate`` decides) says what happens to a
+    text past max length, as ``Embedder.embed`` does; "chunks" keeps each window's vector and span."""
+    mode = long_text or ("truncate" if truncate else "error")
+    if mode not in LONG_TEXT:
+        raise ValueError(f"long_text must be one of {LONG_TEXT}, got {mode!r}")
+    if mode in ("chunk", "chunks"):
+        return _embed_windows(emb, values, query, batch_size, mode == "chunks")
     n = len(values)
     reasons: list[str | None] = [None] * n
     prefix = emb.manifest.query_instruction if query else ""
@@ -100,6 +116,61 @@ def embed_rows(
     ok[rows[good]] = True
     n_cut = sum(1 for k, j in enumerate(keep) if good[k] and j in cut)
     return EmbeddedRows(out[good], ok, reasons, int(lengths[good].sum()), n_cut)
+
+
+def _embed_windows(emb: Embedder, values: list[object], query: bool, batch_size: int | None,
+                   keep_windows: bool) -> EmbeddedRows:
+    """Texts past max length cut into windows by ``Embedder.plan_rows`` (as ``embed(long_text="chunk")`` cuts
+    them), every window batched with the other texts; pooled per row ("chunk") or kept ("chunks")."""
+    n = len(values)
+    reasons: list[str | None] = [None] * n
+    prefix = emb.manifest.query_instruction if query else ""
+    texts: list[str] = []
+    where: list[int] = []
+    for i, value in enumerate(values):
+        text, reason = as_text(value)
+        if reason is not None:
+            reasons[i] = reason
+        else:
+            texts.append(prefix + text)
+            where.append(i)
+    ok = np.zeros(n, dtype=bool)
+    if not texts:
+        return EmbeddedRows(np.empty((0, emb.dim), np.float32), ok, reasons, 0, 0, [] if keep_windows else None)
+    plan = emb.plan_rows(texts, "chunk")
+    lengths = np.fromiter((len(r) for r in plan.rows), dtype=np.int64, count=len(plan.rows))
+    out = np.empty((len(plan.rows), emb.dim), np.float32)
+    good_row = np.ones(len(plan.rows), dtype=bool)
+    default_batch, max_tokens, pad_multiple = emb.batch_limits
+    for batch in make_batches(plan.rows, lengths, emb.manifest.pad_token_id, batch_size or default_batch, max_tokens,
+                              pad_multiple=pad_multiple, max_length=emb.max_length):
+        try:
+            out[batch.indices] = emb.embed_tokens(batch.input_ids, batch.attention_mask)
+        except EmbedderError as exc:  # blame the texts whose windows were in the batch, keep the job
+            good_row[batch.indices] = False
+            for k in batch.indices:
+                reasons[where[int(plan.owners[k])]] = f"{type(exc).__name__}: {exc}"
+    vectors: list[np.ndarray] = []
+    windows: list[tuple[int, int, int, int]] = []
+    tokens = cut = 0
+    for j, row in enumerate(where):
+        a, b = int(plan.first_row[j]), int(plan.first_row[j + 1])
+        if not good_row[a:b].all():
+            continue
+        ok[row] = True
+        tokens += int(lengths[a:b].sum())
+        cut += b - a > 1
+        if keep_windows:
+            for w in range(a, b):
+                start, end = plan.spans[w]
+                # spans index the text the model saw; give them in the row's own text (no instruction)
+                windows.append((row, w - a, max(0, start - len(prefix)), max(0, end - len(prefix))))
+                vectors.append(out[w])
+        else:
+            vectors.append(out[a] if b - a == 1 else pool_windows(out[a:b], plan.token_counts[a:b],
+                                                                  emb.manifest.normalize))
+    stacked = np.stack(vectors).astype(np.float32) if vectors else np.empty((0, emb.dim), np.float32)
+    return EmbeddedRows(stacked, ok, reasons, tokens, cut, windows if keep_windows else None)
 
 
 def _one_by_one(

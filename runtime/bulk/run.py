@@ -60,7 +60,7 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
         "model": manifest.source.model, "model_digest": digest, "precision": precision,
         "dimension": manifest.dimension, "input": fingerprint(files), "format": fmt,
         "text_column": opts.text_column, "id_column": opts.id_column, "keep": list(opts.keep),
-        "input_type": opts.input_type, "truncate": opts.truncate, "shard_rows": opts.shard_rows,
+        "input_type": opts.input_type, "long_text": opts.long_text_mode, "shard_rows": opts.shard_rows,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     check_state(sink.work_dir, state)
@@ -74,7 +74,7 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
     plan = plan_shards(read(files, fmt, columns), opts.shard_rows)
     done = finished_shards(sink.work_dir)
     todo = [k for k in range(plan.n_shards) if k not in done]
-    totals = {"rows": 0, "failed": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
+    totals = {"rows": 0, "windows": 0, "failed": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
     t_embed = time.perf_counter()
     if todo:
         shards = ray.data.from_arrow_refs(plan.cut(todo, opts.text_column))
@@ -84,7 +84,8 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
                                  str(sink.work_dir), meta),
             fn_constructor_kwargs={"device": opts.device, "precision": precision, "threads": threads,
                                    "batch_size": opts.batch_size, "query": opts.input_type == "query",
-                                   "truncate": opts.truncate, "crash_once_marker": opts.crash_once_marker},
+                                   "truncate": opts.truncate, "crash_once_marker": opts.crash_once_marker,
+                                   "long_text": opts.long_text_mode},
             batch_size=None,  # one block = one shard = one call
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),
@@ -108,4 +109,5 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
         truncated=totals["truncated"], wall_s=time.perf_counter() - t0, embed_s=embed_s, actor_busy_s=totals["seconds"], actors=actors,
         threads_per_actor=threads, precision=precision,
         errors_path=str(sink.errors_path) if errors_total else None,
+        long_text=opts.long_text_mode, windows=totals["windows"],
     )
