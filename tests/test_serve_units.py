@@ -187,3 +187,15 @@ def test_admission_by_time_waits_for_the_queue_to_show_it(tiny_emb):
             w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("package,module,extra", [("runtime.serve", "uvicorn", "serve"), ("runtime.bulk", "ray", "bulk")])
+def test_missing_extra_names_it(package, module, extra):
+    import subprocess
+    import sys
+
+    code = (f"import importlib.util as u; real = u.find_spec; "
+            f"u.find_spec = lambda n, *a: None if n == {module!r} else real(n, *a)\n"
+            f"try:\n    import {package}\nexcept ImportError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert f"`{extra}` extra ({module} not installed)" in out.stdout, out.stdout + out.stderr

@@ -4,11 +4,20 @@ Needs the ``bulk`` extra (``pip install -e ".[cpu,bulk]"``); ``import runtime`` 
 (nor Ray, pyarrow or lancedb).
 """
 
-from .engine import EmbedBatch, embed_dataset
-from .errors import BulkConfigError, BulkError, OutputMismatchError, ShardSplitError
-from .options import BulkOptions, Sink, parse_sink
-from .run import run_bulk
-from .summary import BulkSummary
+from importlib.util import find_spec
+
+_missing = [m for m in ("ray", "pyarrow", "lancedb") if find_spec(m) is None]
+if _missing:
+    raise ImportError(
+        f"bulk embedding needs the `bulk` extra ({', '.join(_missing)} not installed): "
+        "pip install -e '.[cpu,bulk]'"
+    )
+
+from .engine import EmbedBatch, embed_dataset  # noqa: E402
+from .errors import BulkConfigError, BulkError, OutputMismatchError, ShardSplitError  # noqa: E402
+from .options import BulkOptions, Sink, parse_sink  # noqa: E402
+from .run import run_bulk  # noqa: E402
+from .summary import BulkSummary  # noqa: E402
 
 __all__ = [
     "BulkConfigError",

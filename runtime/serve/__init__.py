@@ -6,7 +6,16 @@ an exact-match vector cache, Prometheus metrics and a graceful drain on SIGTERM.
 extra (starlette, uvicorn, orjson, prometheus-client); ``import runtime`` never imports this package.
 """
 
-from .app import create_app
-from .config import ModelSpec, ServeConfig, parse_args
+from importlib.util import find_spec
+
+_missing = [m for m in ("starlette", "uvicorn", "orjson", "prometheus_client") if find_spec(m) is None]
+if _missing:
+    raise ImportError(
+        f"the server needs the `serve` extra ({', '.join(_missing)} not installed): "
+        "pip install -e '.[cpu,serve]' (or '.[gpu,serve]')"
+    )
+
+from .app import create_app  # noqa: E402
+from .config import ModelSpec, ServeConfig, parse_args  # noqa: E402
 
 __all__ = ["ModelSpec", "ServeConfig", "create_app", "parse_args"]
