@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     say("(a) one Embedder.embed call ...")
     a, reference = single_call(artifact, texts, args.threads)
     say(f"    {a['rows_per_s']:.1f} rows/s")
+    from runtime.bulk.run import WORKER_NICENESS
+
+    os.environ.setdefault(WORKER_NICENESS, "0")  # as runtime.bulk does when it starts a local Ray itself
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     try:
         address = ray.get_runtime_context().gcs_address
