@@ -296,3 +296,12 @@ def test_long_text_chunk_pools_and_chunks_writes_one_row_per_window(ray_local, t
     assert windows.windows == table.num_rows > 5 and windows.rows == 5
     with pytest.raises(Exception, match="contradicts"):
         options(src, tmp_path / "x", tiny_artifact, long_text="chunk", truncate=False)
+
+
+def test_long_text_error_refuses_per_row_without_no_truncate(emb):
+    from runtime.bulk.rows import embed_rows
+
+    res = embed_rows(emb, ["字" * 700, "短句", None], long_text="error")
+    assert res.ok.tolist() == [False, True, False]
+    assert "702 tokens" in res.reasons[0] and "null" in res.reasons[2]
+    np.testing.assert_allclose(res.vectors, expected(emb, ["短句"]), rtol=0, atol=1e-6)

@@ -53,6 +53,21 @@ def as_text(value: object) -> tuple[str | None, str | None]:
     return value, None
 
 
+def _usable(values: list[object], prefix: str) -> tuple[list[str], list[int], list[str | None]]:
+    """The values that are text (with ``prefix``), their row positions, and per row why it is not text."""
+    reasons: list[str | None] = [None] * len(values)
+    texts: list[str] = []
+    where: list[int] = []
+    for i, value in enumerate(values):
+        text, reason = as_text(value)
+        if reason is not None:
+            reasons[i] = reason
+        else:
+            texts.append(prefix + text)
+            where.append(i)
+    return texts, where, reasons
+
+
 def embed_rows(
     emb: Embedder, values: list[object], *, query: bool = False, truncate: bool = True, batch_size: int | None = None,
     long_text: str | None = None,
@@ -65,18 +80,10 @@ def embed_rows(
         raise ValueError(f"long_text must be one of {LONG_TEXT}, got {mode!r}")
     if mode in ("chunk", "chunks"):
         return _embed_windows(emb, values, query, batch_size, mode == "chunks")
+    truncate = mode == "truncate"
     n = len(values)
-    reasons: list[str | None] = [None] * n
     prefix = emb.manifest.query_instruction if query else ""
-    texts: list[str] = []
-    where: list[int] = []
-    for i, value in enumerate(values):
-        text, reason = as_text(value)
-        if reason is not None:
-            reasons[i] = reason
-        else:
-            texts.append(prefix + text)
-            where.append(i)
+    texts, where, reasons = _usable(values, prefix)
     ok = np.zeros(n, dtype=bool)
     if not texts:
         return EmbeddedRows(np.empty((0, emb.dim), np.float32), ok, reasons, 0, 0)
@@ -123,17 +130,8 @@ def _embed_windows(emb: Embedder, values: list[object], query: bool, batch_size:
     """Texts past max length cut into windows by ``Embedder.plan_rows`` (as ``embed(long_text="chunk")`` cuts
     them), every window batched with the other texts; pooled per row ("chunk") or kept ("chunks")."""
     n = len(values)
-    reasons: list[str | None] = [None] * n
     prefix = emb.manifest.query_instruction if query else ""
-    texts: list[str] = []
-    where: list[int] = []
-    for i, value in enumerate(values):
-        text, reason = as_text(value)
-        if reason is not None:
-            reasons[i] = reason
-        else:
-            texts.append(prefix + text)
-            where.append(i)
+    texts, where, reasons = _usable(values, prefix)
     ok = np.zeros(n, dtype=bool)
     if not texts:
         return EmbeddedRows(np.empty((0, emb.dim), np.float32), ok, reasons, 0, 0, [] if keep_windows else None)
