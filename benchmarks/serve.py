@@ -803,7 +803,7 @@ def report(result: dict) -> str:
         f"{m['git_commit'][:10]}{' (dirty)' if m['git_dirty'] else ''}, {m['date']}.",
         f"Mix: {result['mix_description']}",
         "",
-        *([f"Rerun later, side by side with each other only: "
+        *(["Rerun later, side by side with each other only: "
            + "; ".join(f"{r['server']} ({r['date']}, commit {r['git_commit'][:10]})" for r in result["reruns"])
            + ". The other servers' figures are from the run above.", ""] if result.get("reruns") else []),
         "Max sustainable rate = highest offered rate with p99 <= SLO and no failures (>= : never failed up to "
