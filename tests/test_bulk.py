@@ -305,3 +305,15 @@ def test_long_text_error_refuses_per_row_without_no_truncate(emb):
     assert res.ok.tolist() == [False, True, False]
     assert "702 tokens" in res.reasons[0] and "null" in res.reasons[2]
     np.testing.assert_allclose(res.vectors, expected(emb, ["短句"]), rtol=0, atol=1e-6)
+
+
+def test_rerun_removes_half_written_parts_of_a_killed_run(ray_local, tiny_artifact, tmp_path):
+    src = write_input(corpus(120, seed=9), tmp_path / "c.jsonl", "jsonl")
+    run_bulk(options(src, tmp_path / "out", tiny_artifact, id_column="pid"))
+    stale = [tmp_path / "out" / ".part-000001.parquet.abc123.tmp", tmp_path / "out" / "_bulk" / "errors" / ".000001.jsonl.x.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a write")
+    mine = tmp_path / "out" / ".notes.tmp"  # not one of ours: left alone
+    mine.write_text("keep")
+    again = run_bulk(options(src, tmp_path / "out", tiny_artifact, id_column="pid"))
+    assert again.rows == 0 and not any(p.exists() for p in stale) and mine.exists()

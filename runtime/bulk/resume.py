@@ -68,6 +68,18 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temps(work_dir: Path) -> int:
+    """Delete the temp files of writes a killed run never finished (``write_atomic`` names them
+    ``.NAME.*.tmp``); call it before any actor of this run writes. Returns how many were removed."""
+    if not work_dir.is_dir():
+        return 0
+    stale = [*work_dir.glob(".part-*.tmp"), *(work_dir / "_bulk").rglob(".*.tmp")]
+    stale = [p for p in stale if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def check_state(work_dir: Path, state: dict[str, Any]) -> None:
     """Record ``state`` for a new output, or refuse one that was made with a different model or input."""
     path = work_dir / STATE_NAME

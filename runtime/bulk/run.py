@@ -15,7 +15,7 @@ from ..errors import ArtifactError
 from ..manifest import Manifest
 from .engine import ShardWriter
 from .options import BulkOptions, plan_actors
-from .resume import check_state, finished_shards, model_digest, plan_shards, write_atomic
+from .resume import check_state, finished_shards, model_digest, plan_shards, remove_stale_temps, write_atomic
 from .sinks import collect_errors, load_lancedb, metadata
 from .sources import fingerprint, list_inputs, read
 from .summary import BulkSummary
@@ -80,6 +80,7 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
                                   opts.actors, opts.threads_per_actor)
     columns = list(dict.fromkeys([opts.text_column, *([opts.id_column] if opts.id_column else []), *opts.keep]))
     plan = plan_shards(read(files, fmt, columns), opts.shard_rows)
+    remove_stale_temps(sink.work_dir)  # a killed run's half-written parts: their shards are redone below
     done = finished_shards(sink.work_dir)
     todo = [k for k in range(plan.n_shards) if k not in done]
     totals = {"rows": 0, "windows": 0, "failed": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
