@@ -16,6 +16,23 @@ def cpu_name() -> str:
     return "unknown"
 
 
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """The instruction-set flags that change onnxruntime's CPU speed, as present on this host: every
+    figure names them (hosts of the same VM type differ: some AVX-512 with VNNI, some AVX2 only)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return ", ".join(f for f in SPEED_FLAGS if f in flags) or "none of " + ", ".join(SPEED_FLAGS)
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM). Unlike getrusage's ru_maxrss, it is not inherited across
     fork + exec from a large parent, so a child started by a big benchmark process reports its own peak."""

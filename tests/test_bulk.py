@@ -115,6 +115,25 @@ def test_directory_input_without_id_column_numbers_rows_in_file_order(ray_local,
     assert read_output(tmp_path / "out2").equals(table)
 
 
+def test_auto_shard_size_is_kept_by_a_resumed_run(ray_local, tiny_artifact, tmp_path):
+    from runtime.bulk.options import auto_shard_rows
+
+    assert [auto_shard_rows(n, a) for n, a in ((100, 1), (1300, 1), (20000, 1), (20000, 2), (10**7, 8))] == [
+        256, 325, 4096, 2500, 4096]
+    rows = corpus(1300, seed=4)
+    src = write_input(rows, tmp_path / "c.jsonl", "jsonl")
+    first = run_bulk(options(src, tmp_path / "out", tiny_artifact, id_column="pid", shard_rows=None))
+    assert (first.shard_rows, first.shards) == (325, 4)
+    for k in (1, 3):
+        (tmp_path / "out" / f"part-{k:06d}.parquet").unlink()
+    # two actors would pick 256-row shards on a new output; a resumed one must cut the first run's shards
+    again = run_bulk(options(src, tmp_path / "out", tiny_artifact, id_column="pid", shard_rows=None, actors=2))
+    assert (again.shard_rows, again.skipped_shards, again.rows) == (325, 2, 650)
+    assert sorted(read_output(tmp_path / "out").column("pid").to_pylist()) == sorted(r["pid"] for r in rows)
+    with pytest.raises(OutputMismatchError, match="shard_rows"):
+        run_bulk(options(src, tmp_path / "out", tiny_artifact, id_column="pid", shard_rows=300))
+
+
 def test_query_input_type_prepends_the_instruction(ray_local, tiny_artifact, emb, tmp_path):
     rows = corpus(20, seed=4)
     src = write_input(rows, tmp_path / "q.parquet", "parquet")
@@ -132,16 +151,18 @@ def _jitter(batch: dict) -> dict:
 
 
 def test_shard_plan_follows_input_order_not_completion_order(ray_local):
-    from runtime.bulk.resume import POS, SHARD, plan_shards
+    from runtime.bulk.resume import POS, plan_shards
 
     ds = ray.data.range(400, override_num_blocks=8).map_batches(_jitter, batch_size=None)
     plan = plan_shards(ds, 30)
     assert (plan.total_rows, plan.n_shards) == (400, 14)
-    shards = ray.get(plan.cut([13, 0, 5], "text"))
-    for k, table in zip([13, 0, 5], shards):
+    for k in (13, 0, 5, 7):  # 5 and 7 span two blocks of 50 rows
+        table = plan.rows(k, "text")
         want = list(range(30 * k, min(30 * k + 30, 400)))
         assert table.column("id").to_pylist() == table.column(POS).to_pylist() == want
-        assert set(table.column(SHARD).to_pylist()) == {k}
+        assert table.column("text").to_pylist() == [f"t{i}" for i in want]
+    with pytest.raises(ValueError, match="outside"):
+        plan.rows(14, "text")
 
 
 # -- LanceDB ---------------------------------------------------------------------------------

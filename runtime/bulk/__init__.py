@@ -14,7 +14,7 @@ if _missing:
     )
 
 from .engine import EmbedBatch, embed_dataset  # noqa: E402
-from .errors import BulkConfigError, BulkError, OutputMismatchError, ShardSplitError  # noqa: E402
+from .errors import BulkConfigError, BulkError, OutputMismatchError  # noqa: E402
 from .options import BulkOptions, Sink, parse_sink  # noqa: E402
 from .run import run_bulk  # noqa: E402
 from .summary import BulkSummary  # noqa: E402
@@ -26,7 +26,6 @@ __all__ = [
     "BulkSummary",
     "EmbedBatch",
     "OutputMismatchError",
-    "ShardSplitError",
     "Sink",
     "embed_dataset",
     "parse_sink",

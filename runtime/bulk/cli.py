@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=None, help="default: fill the machine (actors x threads <= CPUs)")
     p.add_argument("--threads-per-actor", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="texts per model run (default: the Embedder's)")
-    p.add_argument("--shard-rows", type=int, default=1000, help="rows per output file, the unit of resume")
+    p.add_argument("--shard-rows", type=int, default=None,
+                   help="rows per output file, the unit of resume (default: at least 4 shards per actor, at most "
+                        "4096 rows; a resumed run keeps its first run's size)")
     p.add_argument("--ray-address", default=None, help="auto, ray://HOST:PORT, or none for a local Ray")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto")

@@ -18,8 +18,7 @@ import pyarrow as pa
 import ray
 
 from ..embedder import Embedder
-from .errors import ShardSplitError
-from .resume import POS, REASON, SHARD, SHARD_ROWS
+from .resume import POS, REASON, ShardPlan
 from .rows import embed_rows
 from .sinks import vector_array, write_shard
 
@@ -60,15 +59,19 @@ class EmbedBatch:
         return batch.append_column(f"{self.output_column}_error", pa.array(res.reasons, pa.string()))
 
 
-class ShardWriter:
-    """``map_batches`` UDF of the command line: each input block is one shard; embed it, write its part
-    file and errors, and return one summary row per shard."""
+SHARD = "shard"  # the one column of the command line's dataset: which shards to embed
 
-    def __init__(self, model_dir: str, text_column: str, id_column: str | None, keep: list[str], work_dir: str,
-                 meta: dict[bytes, bytes], *, device: str, precision: str, threads: int, batch_size: int | None,
-                 query: bool, truncate: bool, crash_once_marker: str | None = None,
+
+class ShardWriter:
+    """``map_batches`` UDF of the command line: its input rows are shard numbers; for each, cut the shard
+    from the planned input, embed it, write its part file and errors, and return one summary row."""
+
+    def __init__(self, model_dir: str, plan: ShardPlan, text_column: str, id_column: str | None, keep: list[str],
+                 work_dir: str, meta: dict[bytes, bytes], *, device: str, precision: str, threads: int,
+                 batch_size: int | None, query: bool, truncate: bool, crash_once_marker: str | None = None,
                  long_text: str | None = None) -> None:
         self.emb = _load(model_dir, device, precision, threads)
+        self.plan = plan
         self.text_column, self.id_column, self.keep = text_column, id_column, keep
         self.work_dir, self.meta = Path(work_dir), meta
         self.batch_size, self.query, self.truncate = batch_size, query, truncate
@@ -88,17 +91,10 @@ class ShardWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []
-        shard_ids = batch.column(SHARD).to_numpy()
-        for shard in np.unique(shard_ids):
-            rows = batch.filter(pa.array(shard_ids == shard))
-            expected = rows.column(SHARD_ROWS)[0].as_py()
-            if rows.num_rows != expected:
-                raise ShardSplitError(
-                    f"shard {shard} reached an actor with {rows.num_rows} of its {expected} rows; this Ray version "
-                    "splits blocks differently: report it, and meanwhile rerun with a smaller --shard-rows"
-                )
+        for shard in batch.column(SHARD).to_pylist():
+            rows = self.plan.rows(shard, self.text_column)
             self._maybe_crash()
-            summaries.append(self._shard(int(shard), rows))
+            summaries.append(self._shard(shard, rows))
         return pa.Table.from_pylist(summaries)
 
     def _shard(self, shard: int, rows: pa.Table) -> dict[str, Any]:

@@ -15,7 +15,3 @@ class BulkConfigError(BulkError, ValueError):
 
 class OutputMismatchError(BulkError, ValueError):
     """The output already holds vectors of another model, precision or input: refused, never mixed."""
-
-
-class ShardSplitError(BulkError, RuntimeError):
-    """Ray handed an actor part of a shard; the shard could not be written atomically."""

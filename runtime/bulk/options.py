@@ -69,7 +69,7 @@ class BulkOptions:
     actors: int | None = None
     threads_per_actor: int | None = None
     batch_size: int | None = None
-    shard_rows: int = 1000
+    shard_rows: int | None = None  # None: ``auto_shard_rows`` (a resumed run keeps the size it started with)
     ray_address: str | None = None
     device: str = "cpu"
     precision: str = "auto"
@@ -92,7 +92,7 @@ class BulkOptions:
             raise BulkConfigError(f"long_text must be truncate, error, chunk or chunks, got {self.long_text!r}")
         if self.long_text in ("truncate", "chunk", "chunks") and not self.truncate:
             raise BulkConfigError(f"--no-truncate contradicts --long-text {self.long_text}; pass one of them")
-        if self.shard_rows < 1:
+        if self.shard_rows is not None and self.shard_rows < 1:
             raise BulkConfigError(f"shard_rows must be >= 1, got {self.shard_rows}")
         if {"embedding", "window", "span_start", "span_end"} & set(self.keep) or (self.id_column is None and "id" in self.keep):
             raise BulkConfigError(
@@ -132,3 +132,16 @@ def plan_actors(cpus: int, gpus: int, device: str, actors: int | None, threads: 
             "lower --actors or --threads-per-actor (or add nodes)"
         )
     return actors, threads
+
+
+MAX_SHARD_ROWS = 4096  # a kill loses at most this many rows per actor; big enough to batch by length well
+MIN_SHARD_ROWS = 256
+SHARDS_PER_ACTOR = 4
+
+
+def auto_shard_rows(total_rows: int, actors: int) -> int:
+    """Rows per shard when the user gives none: at least ``SHARDS_PER_ACTOR`` shards per actor (so the
+    last shards do not leave actors idle), at most ``MAX_SHARD_ROWS``, and not so few rows that a shard
+    cannot be batched by length (1000-row shards cost 4-9% over one sorted call on bge-small-zh; 4096, 0-2%)."""
+    per = -(-max(total_rows, 1) // (SHARDS_PER_ACTOR * max(actors, 1)))
+    return max(MIN_SHARD_ROWS, min(MAX_SHARD_ROWS, per))

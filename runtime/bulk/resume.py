@@ -18,10 +18,11 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import ray
+from ray.data.block import BlockAccessor
 
 from ..manifest import Manifest
 from .errors import OutputMismatchError
@@ -29,8 +30,6 @@ from .rows import as_text
 
 STATE_NAME = "_bulk/state.json"
 POS = "__pos"  # the row's position in the input
-SHARD = "__shard"
-SHARD_ROWS = "__shard_rows"  # rows the shard has in all: an actor checks it got the whole shard
 REASON = "__reason"  # why the row's text is not a text (null when it is one)
 _PART = re.compile(r"^part-(\d{6})\.parquet$")
 
@@ -80,19 +79,25 @@ def remove_stale_temps(work_dir: Path) -> int:
     return len(stale)
 
 
-def check_state(work_dir: Path, state: dict[str, Any]) -> None:
-    """Record ``state`` for a new output, or refuse one that was made with a different model or input."""
+def load_state(work_dir: Path) -> dict[str, Any] | None:
+    """The state a previous run of this output recorded, or None for a new output (refusing a directory
+    that holds parts but no state: not ours)."""
     path = work_dir / STATE_NAME
-    if not path.is_file():
-        stray = [p.name for p in work_dir.glob("part-*.parquet")] if work_dir.is_dir() else []
-        if stray:
-            raise OutputMismatchError(
-                f"{work_dir} holds Parquet parts but no {STATE_NAME}: not an output of runtime.bulk; "
-                "choose an empty or new output directory"
-            )
-        write_atomic(path, json.dumps(state, indent=2).encode())
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    stray = [p.name for p in work_dir.glob("part-*.parquet")] if work_dir.is_dir() else []
+    if stray:
+        raise OutputMismatchError(
+            f"{work_dir} holds Parquet parts but no {STATE_NAME}: not an output of runtime.bulk; "
+            "choose an empty or new output directory"
+        )
+    return None
+
+
+def check_model(work_dir: Path, old: dict[str, Any] | None, state: dict[str, Any]) -> None:
+    """Refuse, before anything is read, to add vectors of another model or precision to an output."""
+    if old is None:
         return
-    old = json.loads(path.read_text(encoding="utf-8"))
     for key in ("model_digest", "precision"):
         if old.get(key) != state[key]:
             raise OutputMismatchError(
@@ -101,6 +106,15 @@ def check_state(work_dir: Path, state: dict[str, Any]) -> None:
                 f"digest {state['model_digest'][:12]}); refusing to mix them: write to a new output, or delete "
                 f"{work_dir} to start over"
             )
+
+
+def check_state(work_dir: Path, old: dict[str, Any] | None, state: dict[str, Any]) -> None:
+    """Record ``state`` for a new output, or refuse one that was made with a different model, input or
+    arguments."""
+    if old is None:
+        write_atomic(work_dir / STATE_NAME, json.dumps(state, indent=2).encode())
+        return
+    check_model(work_dir, old, state)
     changed = [k for k in state if k not in ("model", "created") and old.get(k) != state[k]]
     if changed:
         raise OutputMismatchError(
@@ -114,11 +128,6 @@ def finished_shards(work_dir: Path) -> set[int]:
     if not work_dir.is_dir():
         return set()
     return {int(m.group(1)) for p in work_dir.iterdir() if (m := _PART.match(p.name))}
-
-
-@ray.remote(num_cpus=0)
-def _num_rows(block: pa.Table) -> int:
-    return block.num_rows
 
 
 def _uniform(chunks: list[pa.ChunkedArray]) -> pa.ChunkedArray | pa.Array:
@@ -135,9 +144,8 @@ def _uniform(chunks: list[pa.ChunkedArray]) -> pa.ChunkedArray | pa.Array:
         return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
-@ray.remote(num_cpus=0)
-def _cut(shard: int, start: int, stop: int, first: int, text_column: str, *blocks: pa.Table) -> pa.Table:
-    """Rows [start, stop) of the input, from the blocks that hold them (the first starts at row ``first``).
+def cut_rows(blocks: list[pa.Table], first: int, start: int, stop: int, text_column: str) -> pa.Table:
+    """Rows [start, stop) of the input from the blocks that hold them (the first starts at row ``first``).
 
     The text column becomes strings, and why a value is no text (null, a number, bad UTF-8) goes to
     ``REASON``: the actor reports it instead of failing, whatever type the reader gave the column."""
@@ -156,14 +164,14 @@ def _cut(shard: int, start: int, stop: int, first: int, text_column: str, *block
     columns[text_column] = pa.array(texts, pa.string())
     columns[REASON] = pa.array(reasons, pa.string())
     columns[POS] = pa.array(range(start, stop), pa.int64())
-    columns[SHARD] = pa.array([shard] * n, pa.int64())
-    columns[SHARD_ROWS] = pa.array([n] * n, pa.int64())
     return pa.table(columns)
 
 
 @dataclass
 class ShardPlan:
-    """The input, in order, cut into shards of ``shard_rows`` rows."""
+    """The input, in order, cut into shards of ``shard_rows`` rows. It travels to every actor (the block
+    references with it), and each actor cuts the shards it is given: no task per shard, and a shard
+    reaches an actor whole whatever Ray Data does to blocks on the way."""
 
     total_rows: int
     shard_rows: int
@@ -174,31 +182,39 @@ class ShardPlan:
     def n_shards(self) -> int:
         return -(-self.total_rows // self.shard_rows)
 
-    def shard_rows_of(self, shard: int) -> int:
-        return min(self.shard_rows, self.total_rows - shard * self.shard_rows)
-
-    def cut(self, shards: list[int], text_column: str) -> list[ray.ObjectRef]:
-        """One Arrow table per shard (with position, shard and shard-size columns), computed in the cluster."""
-        refs = []
-        for k in shards:
-            start, stop = k * self.shard_rows, min((k + 1) * self.shard_rows, self.total_rows)
-            lo = bisect.bisect_right(self.block_starts, start) - 1
-            hi = bisect.bisect_left(self.block_starts, stop) - 1
-            refs.append(_cut.remote(k, start, stop, self.block_starts[lo], text_column, *self.block_refs[lo : hi + 1]))
-        ray.wait(refs, num_returns=len(refs), fetch_local=False)  # before the actors take every CPU
-        return refs
+    def rows(self, shard: int, text_column: str) -> pa.Table:
+        """Shard ``shard`` as one Arrow table, with each row's input position in ``POS``."""
+        if not 0 <= shard < self.n_shards:
+            raise ValueError(f"shard {shard} is outside this plan's {self.n_shards} shards")
+        start, stop = shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.total_rows)
+        lo = bisect.bisect_right(self.block_starts, start) - 1
+        hi = bisect.bisect_left(self.block_starts, stop) - 1
+        # a reader may leave pandas blocks (select_columns on JSON does): Ray's accessor gives Arrow
+        blocks = [BlockAccessor.for_block(b).to_arrow() for b in ray.get(self.block_refs[lo : hi + 1])]
+        return cut_rows(blocks, self.block_starts[lo], start, stop, text_column)
 
 
-def plan_shards(ds: ray.data.Dataset, shard_rows: int) -> ShardPlan:
-    """Materialise the input (text, id and kept columns only) in input order and index its blocks."""
+@ray.remote(num_cpus=0)
+def _num_rows(block: object) -> int:
+    return BlockAccessor.for_block(block).num_rows()
+
+
+def plan_shards(ds: ray.data.Dataset, shard_rows: int | Callable[[int], int]) -> ShardPlan:
+    """Materialise the input (text, id and kept columns only) in input order and index its blocks by the
+    row counts Ray Data already knows (a block without one is counted by a task). ``shard_rows``: rows
+    per shard, or a function of the input's row count that picks it."""
     # A Dataset keeps the DataContext it was created with: order must be asked of that one, not the
     # global one (without it, blocks of one file come back in completion order and positions shift).
     ds.context.execution_options.preserve_order = True
-    refs = list(ds.materialize().to_arrow_refs())
-    counts = ray.get([_num_rows.remote(r) for r in refs])
-    kept = [(r, c) for r, c in zip(refs, counts) if c > 0]
+    entries = [e for bundle in ds.materialize().iter_internal_ref_bundles() for e in bundle.blocks]
+    counts = [e.metadata.num_rows for e in entries]
+    unknown = [i for i, c in enumerate(counts) if c is None]
+    for i, c in zip(unknown, ray.get([_num_rows.remote(entries[i].ref) for i in unknown])):
+        counts[i] = c
+    kept = [(e.ref, c) for e, c in zip(entries, counts) if c > 0]
     starts, total = [], 0
     for _, c in kept:
         starts.append(total)
         total += c
-    return ShardPlan(total, shard_rows, [r for r, _ in kept], starts)
+    rows = shard_rows(total) if callable(shard_rows) else shard_rows
+    return ShardPlan(total, rows, [r for r, _ in kept], starts)

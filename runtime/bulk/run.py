@@ -7,15 +7,17 @@ import json
 import os
 import time
 from datetime import datetime, timezone
+from typing import Callable
 
 import ray
 
 from ..embedder import _AUTO_ORDER
 from ..errors import ArtifactError
 from ..manifest import Manifest
-from .engine import ShardWriter
-from .options import BulkOptions, plan_actors
-from .resume import check_state, finished_shards, model_digest, plan_shards, remove_stale_temps, write_atomic
+from .engine import SHARD, ShardWriter
+from .options import BulkOptions, auto_shard_rows, plan_actors
+from .resume import (check_model, check_state, finished_shards, load_state, model_digest, plan_shards,
+                     remove_stale_temps, write_atomic)
 from .sinks import collect_errors, load_lancedb, metadata
 from .sources import fingerprint, list_inputs, read
 from .summary import BulkSummary
@@ -68,10 +70,11 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
         "model": manifest.source.model, "model_digest": digest, "precision": precision,
         "dimension": manifest.dimension, "input": fingerprint(files), "format": fmt,
         "text_column": opts.text_column, "id_column": opts.id_column, "keep": list(opts.keep),
-        "input_type": opts.input_type, "long_text": opts.long_text_mode, "shard_rows": opts.shard_rows,
+        "input_type": opts.input_type, "long_text": opts.long_text_mode,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    check_state(sink.work_dir, state)
+    old = load_state(sink.work_dir)
+    check_model(sink.work_dir, old, state)  # before reading a corpus that could take minutes
     meta = metadata({"model": manifest.source.model, "model_digest": digest, "precision": precision,
                      "dimension": manifest.dimension, "input_type": opts.input_type})
 
@@ -79,23 +82,31 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
     actors, threads = plan_actors(int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), opts.device,
                                   opts.actors, opts.threads_per_actor)
     columns = list(dict.fromkeys([opts.text_column, *([opts.id_column] if opts.id_column else []), *opts.keep]))
-    plan = plan_shards(read(files, fmt, columns), opts.shard_rows)
+    if opts.shard_rows is not None:
+        shard_rows: int | Callable[[int], int] = opts.shard_rows
+    elif old is not None and "shard_rows" in old:
+        shard_rows = int(old["shard_rows"])  # resuming: the shards must be the ones the first run cut
+    else:
+        shard_rows = lambda total: auto_shard_rows(total, actors)  # noqa: E731
+    plan = plan_shards(read(files, fmt, columns), shard_rows)
+    check_state(sink.work_dir, old, {**state, "shard_rows": plan.shard_rows})
     remove_stale_temps(sink.work_dir)  # a killed run's half-written parts: their shards are redone below
     done = finished_shards(sink.work_dir)
     todo = [k for k in range(plan.n_shards) if k not in done]
     totals = {"rows": 0, "windows": 0, "failed": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
     t_embed = time.perf_counter()
     if todo:
-        shards = ray.data.from_arrow_refs(plan.cut(todo, opts.text_column))
+        # one block per shard number, so shards spread over the actors one at a time
+        shards = ray.data.from_items([{SHARD: k} for k in todo], override_num_blocks=len(todo))
         out = shards.map_batches(
             ShardWriter,
-            fn_constructor_args=(str(opts.model_dir), opts.text_column, opts.id_column, list(opts.keep),
+            fn_constructor_args=(str(opts.model_dir), plan, opts.text_column, opts.id_column, list(opts.keep),
                                  str(sink.work_dir), meta),
             fn_constructor_kwargs={"device": opts.device, "precision": precision, "threads": threads,
                                    "batch_size": opts.batch_size, "query": opts.input_type == "query",
                                    "truncate": opts.truncate, "crash_once_marker": opts.crash_once_marker,
                                    "long_text": opts.long_text_mode},
-            batch_size=None,  # one block = one shard = one call
+            batch_size=None,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=threads,
@@ -118,5 +129,5 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
         truncated=totals["truncated"], wall_s=time.perf_counter() - t0, embed_s=embed_s, actor_busy_s=totals["seconds"], actors=actors,
         threads_per_actor=threads, precision=precision,
         errors_path=str(sink.errors_path) if errors_total else None,
-        long_text=opts.long_text_mode, windows=totals["windows"],
+        long_text=opts.long_text_mode, windows=totals["windows"], shard_rows=plan.shard_rows,
     )

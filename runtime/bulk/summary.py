@@ -28,6 +28,7 @@ class BulkSummary:
     errors_path: str | None
     long_text: str = "truncate"  # truncate | error | chunk | chunks; with chunk(s), ``truncated`` counts cut rows
     windows: int = 0  # output rows written (chunks: one per window; otherwise equal to ``rows``)
+    shard_rows: int = 0  # rows per shard (the last may hold fewer)
 
     @property
     def rows_per_s(self) -> float:
@@ -42,11 +43,13 @@ class BulkSummary:
 
     def line(self) -> str:
         resumed = f", {self.skipped_shards} of {self.shards} shards already done" if self.skipped_shards else ""
+        shards = f"{self.shards} shards of {self.shard_rows} rows"
         errors = f"; errors in {self.errors_path}" if self.errors_path else ""
         return (
             f"embedded {self.rows} rows ({self.total_rows} in the input{resumed}) in {self.wall_s:.1f} s: "
             f"{self.rows_per_s:.1f} rows/s, {self.tokens_per_s:.0f} tokens/s; {self.truncated} "
             f"{'truncated' if self.long_text in ('truncate', 'error') else 'cut into windows'}"
             f"{f' ({self.windows} window rows)' if self.long_text == 'chunks' else ''}, "
-            f"{self.failed} failed; {self.actors} actors x {self.threads_per_actor} threads, {self.precision}{errors}"
+            f"{self.failed} failed; {self.actors} actors x {self.threads_per_actor} threads, {shards}, {self.precision}"
+            f"{errors}"
         )
