@@ -8,7 +8,7 @@ INT8 artifact of the architecture with random weights (``benchmarks/results/cach
 present, else exported as ``python -m export --model CKPT --out ART --precision int8``). Figures:
 
 - (a) one ``Embedder.embed`` over the whole list, ``--threads`` intra-op threads (model already loaded),
-  measured before and after the bulk runs (the VM's speed drifts by several percent within minutes);
+  measured before and after (b), with no Ray running (the VM's speed drifts by up to 15% within minutes);
 - (b) ``runtime.bulk`` with 1 actor x ``--threads`` threads; (c) ``--threads`` actors x 1 thread: each from a
   fresh output directory on a Ray already started (``ray.init`` is not counted; reading, planning, actor
   start and model load are), rates over the run's wall time and over its embedding phase; shard size as
@@ -161,7 +161,7 @@ def markdown(r: dict) -> str:
         "| run | shards | wall s | rows/s | tokens/s | rows/s (embedding phase) | max abs diff to (a) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, x in ((f"(a) one `Embedder.embed`, {r['threads']} threads, before", a), ("(a) again, after", a2)):
+    for name, x in ((f"(a) one `Embedder.embed`, {r['threads']} threads, before (b)", a), ("(a) again, after (b)", a2)):
         lines.append(f"| {name} | | {x['wall_s']:.1f} | {x['rows_per_s']:.1f} | {x['tokens_per_s']:.0f} | | 0 |")
     for name, x in (("(b)", b), ("(c)", c)):
         lines.append(
@@ -208,13 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.bulk.run import WORKER_NICENESS
 
     os.environ.setdefault(WORKER_NICENESS, "0")  # as runtime.bulk does when it starts a local Ray itself
+    # (a), (b), (a) again with no Ray running, then (c) and resume: the two (a) runs bracket (b)
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     try:
-        address = ray.get_runtime_context().gcs_address
         say(f"(b) bulk 1 actor x {args.threads} threads ...")
         b = bulk(artifact, src, work / "out-b", 1, args.threads, shard_rows)
         b["max_abs_diff"] = max_diff(work / "out-b", reference)
         say(f"    {b['rows_per_s']:.1f} rows/s")
+    finally:
+        ray.shutdown()
+    say("(a) again ...")
+    a2, _ = single_call(artifact, texts, args.threads)
+    say(f"    {a2['rows_per_s']:.1f} rows/s")
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
         say(f"(c) bulk {args.threads} actors x 1 thread ...")
         c = bulk(artifact, src, work / "out-c", args.threads, 1, shard_rows)
         c["max_abs_diff"] = max_diff(work / "out-c", reference)
@@ -223,9 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         res = resume(artifact, src, work / "out-r", address, args.threads, shard_rows, args.rows)
     finally:
         ray.shutdown()
-    say("(a) again ...")
-    a2, _ = single_call(artifact, texts, args.threads)
-    say(f"    {a2['rows_per_s']:.1f} rows/s")
     a_rate = (a["rows_per_s"] + a2["rows_per_s"]) / 2
     res["remaining_at_b_rate_s"] = res["resumed_rows"] / b["rows_per_s"]
     res["ratio"] = res["resume_wall_s"] / res["remaining_at_b_rate_s"]
