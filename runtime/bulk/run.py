@@ -7,6 +7,7 @@ import json
 import os
 import time
 from datetime import datetime, timezone
+from functools import partial
 from typing import Callable
 
 import ray
@@ -87,7 +88,7 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
     elif old is not None and "shard_rows" in old:
         shard_rows = int(old["shard_rows"])  # resuming: the shards must be the ones the first run cut
     else:
-        shard_rows = lambda total: auto_shard_rows(total, actors)  # noqa: E731
+        shard_rows = partial(auto_shard_rows, actors=actors)
     plan = plan_shards(read(files, fmt, columns), shard_rows)
     check_state(sink.work_dir, old, {**state, "shard_rows": plan.shard_rows})
     remove_stale_temps(sink.work_dir)  # a killed run's half-written parts: their shards are redone below
