@@ -19,17 +19,21 @@ def cpu_name() -> str:
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
 
 
-def cpu_flags() -> str:
-    """The instruction-set flags that change onnxruntime's CPU speed, as present on this host: every
-    figure names them (hosts of the same VM type differ: some AVX-512 with VNNI, some AVX2 only)."""
-    flags: set[str] = set()
+def cpu_flag_set() -> set[str]:
+    """Every flag /proc/cpuinfo lists for this host (empty where it cannot be read)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+def cpu_flags() -> str:
+    """The instruction-set flags that change onnxruntime's CPU speed, as present on this host: every
+    figure names them (hosts of the same VM type differ: some AVX-512 with VNNI, some AVX2 only)."""
+    flags = cpu_flag_set()
     return ", ".join(f for f in SPEED_FLAGS if f in flags) or "none of " + ", ".join(SPEED_FLAGS)
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets
-from .common import cpu_name, save
+from .common import SPEED_FLAGS, cpu_flag_set, cpu_name, save
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -702,14 +702,7 @@ def build_spec(name: str, files: dict[str, Path], args: argparse.Namespace, max_
 
 # ============================================================================ machine facts
 def machine() -> dict:
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flag_set()
     import onnxruntime
 
     def git(*args: str) -> str:
@@ -721,7 +714,7 @@ def machine() -> dict:
     return {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
-        "cpu_flags": {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")},
+        "cpu_flags": {f: f in flags for f in SPEED_FLAGS},
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
         "git_commit": git("rev-parse", "HEAD"),
