@@ -171,6 +171,18 @@ class Embedder:
         return self._default_batch_size, self._max_batch_tokens, self._pad_multiple
 
     @property
+    def special_ids(self) -> tuple[list[int], list[int]]:
+        """The special ids the tokenizer puts before and after every text ([CLS] and [SEP] for BERT): a
+        token-id input that does not start and end with them was not made by this model's tokenizer."""
+        return list(self._tokenizer.prefix), list(self._tokenizer.suffix)
+
+    @property
+    def max_text_chars(self) -> int:
+        """Characters of a text that truncation ever looks at: past them a text is cut before tokenising
+        (``max_length`` x 256; see ``TextTokenizer.encode``)."""
+        return self._tokenizer.max_chars
+
+    @property
     def providers(self) -> list[str]:
         """What the onnxruntime session really got, in priority order."""
         return list(self._session.get_providers())
@@ -261,6 +273,8 @@ class Embedder:
         counts = [len(r) for r in encoded.ids]
         if long and mode == "error":
             i = long[0]
+            if len(texts[i]) > self._tokenizer.max_chars:  # counting all of a huge text takes seconds
+                raise InputTooLongError(i, len(encoded.ids[i]), self.max_length, at_least=True)
             raise InputTooLongError(i, self.count_tokens(texts[i]), self.max_length)
         if long and mode == "truncate":
             warnings.warn(TruncationWarning(len(long), long, self.max_length), stacklevel=3)

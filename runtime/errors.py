@@ -22,12 +22,13 @@ class ProviderUnavailableError(EmbedderError, RuntimeError):
 class InputTooLongError(EmbedderError, ValueError):
     """An input exceeds the model's max length and truncation was disabled."""
 
-    def __init__(self, index: int, n_tokens: int, max_length: int) -> None:
+    def __init__(self, index: int, n_tokens: int, max_length: int, at_least: bool = False) -> None:
         self.index = index
-        self.n_tokens = n_tokens
+        self.n_tokens = n_tokens  # a lower bound when ``at_least`` (the text was too large to count whole)
         self.max_length = max_length
+        self.at_least = at_least
         super().__init__(
-            f"input {index} has {n_tokens} tokens, more than the model's max length of {max_length}; "
+            f"input {index} has {'at least ' if at_least else ''}{n_tokens} tokens, more than the model's max length of {max_length}; "
             "shorten it, call embed(..., long_text='chunk') to embed all of it as overlapping windows, "
             "or embed(..., long_text='truncate') to keep its first tokens"
         )
