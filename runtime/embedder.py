@@ -274,7 +274,7 @@ class Embedder:
         if long and mode == "error":
             i = long[0]
             if len(texts[i]) > self._tokenizer.max_chars:  # counting all of a huge text takes seconds
-                raise InputTooLongError(i, len(encoded.ids[i]), self.max_length, at_least=True)
+                raise InputTooLongError(i, self.max_length + 1, self.max_length, at_least=True)
             raise InputTooLongError(i, self.count_tokens(texts[i]), self.max_length)
         if long and mode == "truncate":
             warnings.warn(TruncationWarning(len(long), long, self.max_length), stacklevel=3)

@@ -23,7 +23,7 @@ from runtime import Embedder
 from .helpers import chinese_text
 from .serve_process import ROOT, start_server
 
-TEXTS = ["你好，世界", "A man is playing a guitar.", "", "   ", "手机开不了机怎么办？", "emoji 😀🎉 mixed 中文",
+TEXTS = ["你好，世界", "A man is playing a guitar.", "   ", "手机开不了机怎么办？", "emoji 😀🎉 mixed 中文",
          "长" * 700]
 
 
@@ -161,9 +161,21 @@ ERRORS = [
     ("/v1/embeddings", {"model": "tiny", "input": ["a", 3]}, 400, "invalid_type", "'input[1]' is int"),
     ("/v1/embeddings", {"model": "tiny", "input": [["a"]]}, 400, "invalid_type", "'input[0][0]' is str"),
     ("/v1/embeddings", {"model": "tiny", "input": {"a": 1}}, 400, "invalid_type", "got dict"),
-    ("/v1/embeddings", {"model": "tiny", "input": [[101, 21128]]}, 400, "invalid_token_id", "21128"),
-    ("/v1/embeddings", {"model": "tiny", "input": [[101, -1]]}, 400, "invalid_token_id", "-1"),
-    ("/v1/embeddings", {"model": "tiny", "input": [list(range(1, 600))]}, 400, "input_too_long", "599 token ids"),
+    ("/v1/embeddings", {"model": "tiny", "input": [[101, 21128, 102]]}, 400, "invalid_token_id", "21128"),
+    ("/v1/embeddings", {"model": "tiny", "input": [[101, -1, 102]]}, 400, "invalid_token_id", "-1"),
+    ("/v1/embeddings", {"model": "tiny", "input": [[101] + [5] * 597 + [102]]}, 400, "input_too_long",
+     "599 token ids"),
+    # ids from another tokenizer (tiktoken's cl100k, as LangChain sends them) never pass as this model's
+    ("/v1/embeddings", {"model": "tiny", "input": [[101, 7, 102], [9906, 1917]]}, 400, "foreign_token_ids",
+     "'input[1]' is not a token-id list this model's tokenizer makes"),
+    ("/v1/embeddings", {"model": "tiny", "input": [5, 6, 102]}, 400, "foreign_token_ids", "check_embedding_ctx_length"),
+    ("/v1/embeddings", {"model": "tiny", "input": [101, 5, 6]}, 400, "foreign_token_ids", "end with [102]"),
+    ("/v1/embeddings", {"model": "tiny", "input": [101]}, 400, "foreign_token_ids", "start with [101]"),
+    # as in OpenAI's API, an empty string is refused (it has nothing to embed)
+    ("/v1/embeddings", {"model": "tiny", "input": ""}, 400, "empty_string", "'input' is an empty string"),
+    ("/v1/embeddings", {"model": "tiny", "input": ["a", ""]}, 400, "empty_string", "'input[1]' is an empty string"),
+    ("/embed", {"inputs": ["a", ""]}, 400, "empty_string", "'inputs[1]'"),
+    ("/embed", {"inputs": "a", "dimensions": 8}, 400, "unsupported_dimensions", "pass 64"),
     ("/v1/embeddings", {"model": "tiny", "input": ["ok", "长" * 700], "truncate": False}, 400, "input_too_long",
      "'input[1]' has 702 tokens"),
     ("/v1/embeddings", {"model": "tiny", "input": "a", "dimensions": 32}, 400, "unsupported_dimensions", "64"),
@@ -195,8 +207,10 @@ def _check_error_body(r: httpx.Response, status: int, code: str | None = None) -
 
 @pytest.mark.parametrize("route,body,status,code,fragment", ERRORS)
 def test_errors_in_openai_shape(server, route, body, status, code, fragment):
-    content = body if isinstance(body, bytes) else None
-    r = httpx.post(server.url + route, content=content, json=None if content else body, timeout=60)
+    if isinstance(body, bytes):
+        r = httpx.post(server.url + route, content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    else:
+        r = httpx.post(server.url + route, json=body, timeout=60)
     err = _check_error_body(r, status, code)
     assert fragment in err["message"], err
 

@@ -199,3 +199,42 @@ def test_missing_extra_names_it(package, module, extra):
             f"try:\n    import {package}\nexcept ImportError as exc:\n    print(exc)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert f"`{extra}` extra ({module} not installed)" in out.stdout, out.stdout + out.stderr
+
+
+# -- tokenisation lanes ----------------------------------------------------------------------------
+def test_large_tokenisation_has_its_own_lane_and_admission():
+    """Two huge requests occupy the large lane, not the small one: a small request runs at once. The large
+    lane refuses a request whose characters would not be tokenised within the budget at its measured rate."""
+    import threading
+
+    from runtime.serve.tokenize import LARGE_CHARS, Tokenization
+
+    lanes = Tokenization(workers=1, budget_s=1.0)
+    release = threading.Event()
+
+    def slow(tag: str) -> str:
+        release.wait(10)
+        return tag
+
+    async def scenario() -> None:
+        lanes.rate = 4 * LARGE_CHARS  # characters per second: 4 large requests fit in the 1 s budget
+        first = asyncio.ensure_future(lanes.run(2 * LARGE_CHARS, slow, "big-1"))
+        await asyncio.sleep(0.05)
+        assert lanes.queued_chars == 2 * LARGE_CHARS
+        assert await lanes.run(10, str.upper, "small") == "SMALL"  # not behind the big one
+        second = asyncio.ensure_future(lanes.run(LARGE_CHARS + 1, slow, "big-2"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull) as refused:  # 3 + 2 large requests' worth: 1.25 s at that rate
+            await lanes.run(2 * LARGE_CHARS, slow, "big-3")
+        assert refused.value.retry_after_s >= 1 and "characters are queued" in refused.value.reason
+        release.set()
+        assert await first == "big-1" and await second == "big-2"
+        assert lanes.queued_chars == 0
+        # alone in the lane, a request is admitted whatever its size
+        assert await lanes.run(100 * LARGE_CHARS, str, "alone") == "alone"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        lanes.close()

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,6 +33,7 @@ from .engine import Job, ModelWorker
 from .errors import ApiError, QueueFull, bad_request, too_large
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .protocol import EmbedRequest, parse_openai, parse_tei
+from .tokenize import Tokenization
 
 log = logging.getLogger("runtime.serve")
 
@@ -91,7 +91,7 @@ class EmbeddingService:
         self.workers: dict[str, ModelWorker] = {}
         self.digests: dict[str, str] = {}
         self.default_model = config.models[0].name
-        self.tokenize_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="tokenize")
+        self.tokenization = Tokenization(config.tokenizer_workers, config.queue_time_budget)
         self.on_fatal = on_fatal
         self._m_request_counters: dict[tuple[str, int], Any] = {}
         self._loader = threading.Thread(target=self._load_all, name="load-models", daemon=True)
@@ -133,7 +133,7 @@ class EmbeddingService:
     def close(self) -> None:
         for w in self.workers.values():
             w.stop()
-        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self.tokenization.close()
 
     # -- shared checks -----------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -162,6 +162,12 @@ class EmbeddingService:
         return worker
 
     async def read_json(self, request: Request) -> Any:
+        content_type = request.headers.get("content-type", "")
+        media = content_type.partition(";")[0].strip().lower()
+        if media != _JSON and not media.endswith("+json"):
+            got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+            raise ApiError(415, f"the body must be JSON sent with 'Content-Type: application/json'; got {got} "
+                           "(curl: add -H 'Content-Type: application/json')", code="unsupported_media_type")
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -205,21 +211,24 @@ class EmbeddingService:
         digest = self.digests[worker.name]
         plan: RowPlan | None = None
         if req.texts is not None:
+            self._check_chars(req)
             prefix = emb.manifest.query_instruction if req.query else ""
             texts = [prefix + t for t in req.texts] if prefix else req.texts
-            plan = await loop.run_in_executor(self.tokenize_pool, self._plan, emb, texts, req)
+            try:
+                plan = await self.tokenization.run(_chars_to_tokenize(emb, texts, req.long_text), self._plan, emb,
+                                                   texts, req)
+            except QueueFull as full:
+                self.metrics.shed_requests.labels(worker.name).inc()
+                raise _queue_full(worker.name, full) from None
             ids = plan.rows
-            if len(ids) == len(texts):
-                kind = "query" if req.query else "document"
-                keys: list[Hashable] = [(digest, kind, t) for t in texts]
-            else:  # windows of chunked texts: their ids say everything (instruction included)
-                keys = [(digest, "ids", tuple(row)) for row in ids]
         else:
             if req.query:
                 raise bad_request("'input_type': \"query\" needs text input (the query instruction is text); "
                                   "send text, or prepend the instruction's ids yourself", "input_type")
             ids = self._check_ids(emb, req)
-            keys = [(digest, "ids", tuple(row)) for row in ids]
+        # what reaches the model is the row of ids (instruction, truncation and windows included): key by it,
+        # as bytes, so a huge text costs the cache no more than its first max_length tokens
+        keys: list[Hashable] = [(digest, np.asarray(row, dtype=np.int32).tobytes()) for row in ids]
         tokenize_s = time.perf_counter() - t_tok
         worker_metrics = self.metrics
         worker_metrics.tokenize_seconds.labels(worker.name).observe(tokenize_s)
@@ -247,10 +256,7 @@ class EmbeddingService:
             try:
                 worker.submit(job, rows)
             except QueueFull as full:
-                raise ApiError(429, f"model {worker.name!r} is at capacity ({full.reason}); retry after "
-                               f"{full.retry_after_s} s or send to another replica", type="rate_limit_error",
-                               code="queue_full",
-                               headers={"Retry-After": str(full.retry_after_s)}) from None
+                raise _queue_full(worker.name, full) from None
             await self._wait(request, job, arrived)
         worker_metrics.prompt_tokens.labels(worker.name).inc(n_tokens)
         vectors = job.vectors
@@ -292,17 +298,38 @@ class EmbeddingService:
         try:
             return emb.plan_rows(texts, req.long_text)
         except InputTooLongError as exc:
-            raise bad_request(f"'{req.param}[{exc.index}]' has {exc.n_tokens} tokens, more than the model's max "
+            count = f"at least {exc.n_tokens}" if exc.at_least else str(exc.n_tokens)
+            raise bad_request(f"'{req.param}[{exc.index}]' has {count} tokens, more than the model's max "
                               f"length of {emb.max_length}; shorten it, send \"truncate\": true to keep its first "
                               f"{emb.max_length} tokens, or \"long_text\": \"chunk\" to embed all of it",
                               req.param, "input_too_long") from exc
         except (TypeError, ValueError) as exc:
             raise bad_request(f"'{req.param}': {exc}", req.param, "invalid_text") from exc
 
+    def _check_chars(self, req: EmbedRequest) -> None:
+        """Refuse at once, before tokenising, a text too large to tokenise whole (``long_text`` chunk or error;
+        truncation cuts a long text before tokenising, so it needs no such limit)."""
+        if req.long_text == "truncate":
+            return
+        limit = self.config.max_text_chars
+        for i, t in enumerate(req.texts or ()):
+            if len(t) > limit:
+                raise too_large(f"'{req.param}[{i}]' has {len(t)} characters, more than this server tokenises "
+                                f"whole ({limit}, --max-text-chars) with long_text {req.long_text!r}; split it, or "
+                                "send \"truncate\": true to embed its first tokens", req.param, "text_too_large")
+
     def _check_ids(self, emb: Embedder, req: EmbedRequest) -> list[list[int]]:
         vocab, limit = emb.vocab_size, emb.max_length
+        head, tail = emb.special_ids
         rows = req.token_ids or []
         for i, row in enumerate(rows):
+            if len(row) < len(head) + len(tail) or row[: len(head)] != head or row[len(row) - len(tail):] != tail:
+                raise bad_request(
+                    f"'{req.param}[{i}]' is not a token-id list this model's tokenizer makes: those start with "
+                    f"{head} and end with {tail} (its special tokens), this one starts with {row[:len(head)]} and "
+                    f"ends with {row[len(row) - len(tail):]}. Send the text instead; ids from another tokenizer "
+                    "(e.g. tiktoken's) give wrong vectors. LangChain's OpenAIEmbeddings sends tiktoken ids by "
+                    "default: construct it with check_embedding_ctx_length=False", req.param, "foreign_token_ids")
             if len(row) > limit:
                 raise bad_request(f"'{req.param}[{i}]' has {len(row)} token ids, more than the model's max length "
                                   f"of {limit}", req.param, "input_too_long")
@@ -313,6 +340,25 @@ class EmbeddingService:
                                   f"[0, {vocab}); token ids must come from this model's tokenizer (special "
                                   "tokens included, as it encodes a text)", req.param, "invalid_token_id")
         return rows
+
+
+def _chars_to_tokenize(emb: Embedder, texts: list[str], long_text: str) -> int:
+    """Characters the tokenizer will look at: in truncate mode a long text is cut to about 8 characters per
+    token of max length (English; CJK needs 1), with chunking all of it is tokenised, and refusing one needs
+    its token count (up to the runtime's cut)."""
+    cap = {"truncate": emb.max_length * 8, "error": emb.max_text_chars}.get(long_text)
+    return sum(len(t) for t in texts) if cap is None else sum(min(len(t), cap) for t in texts)
+
+
+def _queue_full(name: str, full: QueueFull) -> ApiError:
+    return ApiError(429, f"model {name!r} is at capacity ({full.reason}); retry after {full.retry_after_s} s or "
+                    "send to another replica", type="rate_limit_error", code="queue_full",
+                    headers={"Retry-After": str(full.retry_after_s)})
+
+
+def _model_card(name: str) -> dict:
+    """A model as OpenAI's ``/v1/models`` lists it."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "bge-onnx"}
 
 
 def _pool(plan: RowPlan, rows: np.ndarray, normalize: bool) -> np.ndarray:
@@ -389,11 +435,14 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
         worker, vectors, n_tokens, headers = await svc.embed(request, req, arrived)
         return json_response(_openai_body(worker.name, vectors, n_tokens, req.encoding), 200, headers)
 
-    @route("/embed", embedding=True)
-    async def tei_embed(request: Request, arrived: float) -> Response:
+    async def tei(request: Request, arrived: float) -> Response:
         req = parse_tei(await svc.read_json(request), config.max_inputs)
         _, vectors, _, headers = await svc.embed(request, req, arrived)
         return json_response(vectors, 200, headers)
+
+    # TEI answers POST / and /invocations (SageMaker) by the model's kind: huggingface_hub's InferenceClient
+    # and langchain-huggingface post to the bare URL
+    tei_embed, tei_root, tei_invocations = (route(p, embedding=True)(tei) for p in ("/embed", "/", "/invocations"))
 
     @route("/health", open_route=True)
     async def health(request: Request, arrived: float) -> Response:
@@ -404,8 +453,15 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
 
     @route("/v1/models")
     async def models(request: Request, arrived: float) -> Response:
-        return json_response({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "bge-onnx"} for name in svc.workers]})
+        return json_response({"object": "list", "data": [_model_card(name) for name in svc.workers]})
+
+    @route("/v1/models/{id}")
+    async def model(request: Request, arrived: float) -> Response:
+        name = request.path_params["model_id"]
+        if name not in svc.workers:
+            raise ApiError(404, f"model {name!r} is not served here; served models: {sorted(svc.workers)}",
+                           param="model", code="model_not_found")
+        return json_response(_model_card(name))
 
     @route("/info")
     async def info(request: Request, arrived: float) -> Response:
@@ -435,8 +491,8 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        msg = (f"no route {request.method} {request.url.path}; routes: POST /v1/embeddings, POST /embed, GET "
-               "/v1/models, GET /info, GET /health, GET /metrics")
+        msg = (f"no route {request.method} {request.url.path}; routes: POST /v1/embeddings, POST /embed (also POST "
+               "/ and /invocations), GET /v1/models[/ID], GET /info, GET /health, GET /metrics")
         return error_response(ApiError(exc.status_code, msg, code=code))
 
     async def server_error(request: Request, exc: Exception) -> Response:
@@ -457,8 +513,11 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
             Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
             Route("/embeddings", openai_embeddings, methods=["POST"]),
             Route("/embed", tei_embed, methods=["POST"]),
+            Route("/", tei_root, methods=["POST"]),
+            Route("/invocations", tei_invocations, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", model, methods=["GET"]),
             Route("/info", info, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],

@@ -30,6 +30,7 @@ class ServeConfig:
     max_inputs: int = 2048
     max_request_tokens: int = 262144
     max_body_bytes: int = 16 * 1024 * 1024
+    max_text_chars: int = 1024 * 1024
     request_timeout: float = 30.0
     max_queue_time: float | None = None  # None: half the request timeout
     max_queue_tokens: int | None = None
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--max-request-tokens", type=_positive_int, default=262144, help="max tokens per request (413 past it)")
     opt("--max-body-bytes", type=_positive_int, default=16 * 1024 * 1024,
         help="max request body size, checked before parsing (413 past it)")
+    opt("--max-text-chars", type=_positive_int, default=1024 * 1024, help="max characters of one text that is "
+        "tokenised whole (long_text chunk, or truncation off); 413 past it, before tokenising. With truncation on "
+        "a long text is cut before tokenising and this does not apply")
     opt("--request-timeout", type=_positive_float, default=30.0, help="seconds a request may take before it gets "
         "504; its queued texts are dropped before they reach the model")
     opt("--max-queue-time", type=_positive_float, default=None, help="admission budget in seconds: a request is "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import bad_request, too_large
+from .errors import ApiError, bad_request, too_large
 
 INPUT_TYPES = ("document", "query")
 LONG_TEXT = ("truncate", "chunk", "error")
@@ -41,6 +41,8 @@ def _is_int(x: Any) -> bool:
 def parse_inputs(value: Any, param: str, max_inputs: int) -> tuple[list[str] | None, list[list[int]] | None]:
     """A string, a list of strings, a list of token ids, or a list of token-id lists (OpenAI's four forms)."""
     if isinstance(value, str):
+        if not value:
+            raise _empty_string(param, param)
         return [value], None
     if not isinstance(value, list):
         raise bad_request(
@@ -58,6 +60,8 @@ def parse_inputs(value: Any, param: str, max_inputs: int) -> tuple[list[str] | N
             if not isinstance(v, str):
                 raise bad_request(f"'{param}[{i}]' is {type(v).__name__}; every element must be a string",
                                   param, "invalid_type")
+            if not v:
+                raise _empty_string(f"{param}[{i}]", param)
         return value, None
     if _is_int(first):
         for i, v in enumerate(value):
@@ -76,6 +80,13 @@ def parse_inputs(value: Any, param: str, max_inputs: int) -> tuple[list[str] | N
         return None, value
     raise bad_request(f"'{param}[0]' is {type(first).__name__}; expected a string, an integer token id or a "
                       "list of token ids", param, "invalid_type")
+
+
+def _empty_string(where: str, param: str) -> ApiError:
+    # OpenAI's API refuses empty strings too; an empty text has no content for the model to embed (its vector
+    # would be the special tokens' alone), so an index built on it matches nothing in particular
+    return bad_request(f"'{where}' is an empty string; drop it, or send a placeholder text if you need a vector in "
+                       "its place", param, "empty_string")
 
 
 def _optional(body: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -119,8 +130,8 @@ def parse_openai(body: Any, max_inputs: int) -> EmbedRequest:
 
 def parse_tei(body: Any, max_inputs: int) -> EmbedRequest:
     """text-embeddings-inference's ``/embed`` body: ``inputs``, ``truncate`` (default false, as in TEI),
-    ``normalize``, ``prompt_name`` ("query"), ``truncation_direction`` ("right"); ``model`` and ``long_text``
-    as extensions."""
+    ``normalize``, ``prompt_name`` ("query"), ``truncation_direction`` ("right"), ``dimensions`` (checked as on
+    ``/v1/embeddings``); ``model`` and ``long_text`` as extensions."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
     if "inputs" not in body:
@@ -132,10 +143,11 @@ def parse_tei(body: Any, max_inputs: int) -> EmbedRequest:
     if prompt_name not in (None, "query"):
         raise bad_request(f"'prompt_name' {prompt_name!r} is not defined; this server knows only \"query\" (the "
                           "model's query instruction)", "prompt_name", "unknown_prompt")
+    dimensions = _optional(body, "dimensions", int, "an integer")
     direction = _optional(body, "truncation_direction", str, '"right"')
     if direction is not None and direction.lower() != "right":
         raise bad_request(f"'truncation_direction' {direction!r} is not supported; only \"right\" (keep the "
                           "first tokens)", "truncation_direction")
     return EmbedRequest(model=_optional(body, "model", str, "a string"), texts=texts, token_ids=ids,
                         query=prompt_name == "query", long_text=_long_text(body, truncate, False), encoding="float",
-                        dimensions=None, normalize=True if normalize is None else normalize, param="inputs")
+                        dimensions=dimensions, normalize=True if normalize is None else normalize, param="inputs")
