@@ -3,10 +3,11 @@
     python -m benchmarks.hostile                          # bge-small-zh architecture, ours
     python -m benchmarks.hostile --baseline-rev aec1f66   # and the server of an older commit, same run
 
-For each server (started alone on 127.0.0.1, INT8, 2 intra-op threads): its capacity for one-query requests
+For each server (started alone on 127.0.0.1, INT8, its default worker layout; an older commit's with
+``--threads``): its capacity for one-query requests
 (closed loop, 8 clients, 10 s), then open-loop Poisson one-query requests at 20% of that capacity for
 ``--duration`` seconds twice: alone, and while ``--flooders`` other clients keep sending 5 MB texts (each
-sends the next when its answer arrives; OpenAI route, default truncation). Reported: p50/p99 of the query
+sends the next when its answer arrives; each in a process of its own; OpenAI route, default truncation). Reported: p50/p99 of the query
 requests in both phases (latency from the scheduled send time), the ratio p99 with / p99 alone (target <= 2),
 and the flood requests' statuses and latencies. With ``--baseline-rev`` the older server runs from a git
 worktree at the same offered rate, so the figures sit side by side. Writes
@@ -34,10 +35,11 @@ from .serve import (MODEL_NAME, ROOT, ServerProcess, ServerSpec, Unavailable, ba
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def server_spec(name: str, artifact: Path, threads: int, cwd: Path) -> ServerSpec:
+def server_spec(name: str, artifact: Path, threads: int, cwd: Path, extra: Sequence[str] = ()) -> ServerSpec:
+    """``threads``: the cores the server may use (its environment's OMP_NUM_THREADS); ``extra``: options."""
     def command(port: int) -> tuple[list[str], dict[str, str], Path]:
         argv = [sys.executable, "-m", "runtime.serve", "--model", f"{MODEL_NAME}={artifact}", "--host", "127.0.0.1",
-                "--port", str(port), "--threads", str(threads), "--cache-size", "0", "--log-level", "warning"]
+                "--port", str(port), "--cache-size", "0", "--log-level", "warning", *extra]
         env = base_env(threads)
         env["PYTHONPATH"] = str(cwd)  # an older commit's worktree: its runtime, not the installed one
         return argv, env, cwd
@@ -64,27 +66,46 @@ async def capacity(session, url: str, payloads: list[bytes], clients: int, secon
     return done / (loop.time() - t0)
 
 
-async def flood(session, url: str, payload: bytes, stop: asyncio.Event, out: list[tuple[int | None, float]]) -> None:
-    loop = asyncio.get_running_loop()
-    while not stop.is_set():
-        t = loop.time()
-        o = await send(session, url, payload, t, 120.0)
-        out.append((o.status, o.latency_s))
+def flood_client(url: str, payload_path: str, seconds: float, results: "multiprocessing.Queue") -> None:
+    """One flooding client, in a process of its own (other clients are other processes): send the payload,
+    wait for the answer, send it again, for ``seconds``; put [(status, latency_s)] on ``results``."""
+    import httpx
+
+    payload = Path(payload_path).read_bytes()
+    out: list[tuple[int | None, float]] = []
+    end = time.monotonic() + seconds
+    with httpx.Client(timeout=120) as client:
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                status: int | None = client.post(url, content=payload,
+                                                 headers={"Content-Type": "application/json"}).status_code
+            except httpx.HTTPError:
+                status = None
+            out.append((status, time.monotonic() - t0))
+    results.put(out)
 
 
 async def phase(session, url: str, payloads: list[bytes], rate: float, seconds: float, seed: int,
-                flood_payload: bytes | None, flooders: int) -> dict:
+                flood_payload: Path | None, flooders: int) -> dict:
+    import multiprocessing
+
     n = max(int(rate * seconds), 20)
     offsets = schedule(rate, n, seed)
-    stop = asyncio.Event()
     flood_out: list[tuple[int | None, float]] = []
-    tasks = [asyncio.create_task(flood(session, url, flood_payload, stop, flood_out))
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=flood_client, args=(url, str(flood_payload), seconds + 1.5, results))
              for _ in range(flooders if flood_payload is not None else 0)]
-    if tasks:
-        await asyncio.sleep(1.0)  # the floods are under way before the first query
+    for p in procs:
+        p.start()
+    if procs:
+        await asyncio.sleep(1.5)  # the floods are under way before the first query
     outcomes, lags = await open_loop(session, url, payloads[:n], offsets, 30.0)
-    stop.set()
-    await asyncio.gather(*tasks)
+    for _ in procs:
+        flood_out += await asyncio.get_running_loop().run_in_executor(None, results.get)
+    for p in procs:
+        p.join(30)
     ok = [o.latency_s for o in outcomes if o.status == 200]
     statuses: dict[str, int] = {}
     for o in outcomes:
@@ -98,7 +119,7 @@ async def phase(session, url: str, payloads: list[bytes], rate: float, seconds: 
             fs[str(status)] = fs.get(str(status), 0) + 1
         lat = [x for s, x in flood_out if s == 200]
         row["flood"] = {"requests": len(flood_out), "statuses": fs, "p50_ms": percentile_ms(lat, 50),
-                        "max_ms": percentile_ms(lat, 100), "mb_per_request": len(flood_payload) / 1e6}
+                        "max_ms": percentile_ms(lat, 100), "mb_per_request": flood_payload.stat().st_size / 1e6}
     return row
 
 
@@ -112,7 +133,8 @@ async def bench(spec: ServerSpec, log: Path, args: argparse.Namespace, rate: flo
     passages = "".join(datasets.sohu_passages())
     huge = (passages * (args.flood_mb * 1_000_000 // len(passages.encode()) + 1))
     huge = huge[: len(huge) * args.flood_mb * 1_000_000 // len(huge.encode())]
-    flood_payload = body([huge], False, None)
+    flood_payload = Path(tempfile.mkdtemp(prefix="hostile-flood-")) / "flood.json"
+    flood_payload.write_bytes(body([huge], False, None))
     row: dict = {"server": spec.name}
     server = ServerProcess.start(spec, log)
     try:
@@ -145,8 +167,8 @@ def report(result: dict) -> str:
              f"{m['onnxruntime']}, commit {m['git_commit'][:7]}{' (dirty)' if m['git_dirty'] else ''}. Each server "
              f"alone on the machine with the load generator; one-query requests (open loop, Poisson) at "
              f"{result['load']:.0%} of the first server's closed-loop capacity for {result['duration_s']:g} s, "
-             f"alone and while {result['flooders']} clients keep sending {result['flood_mb']} MB texts "
-             "(OpenAI route, default truncation).", "",
+             f"alone and while {result['flooders']} other clients (processes) keep sending "
+             f"{result['flood_mb']} MB texts (OpenAI route, default truncation).", "",
              "| server | capacity (req/s) | offered (req/s) | alone p50 / p99 (ms) | with floods p50 / p99 (ms) | "
              "p99 ratio (target <= 2) | query statuses with floods | flood requests: statuses, p50 / max (ms) |",
              "|---|---:|---:|---|---|---:|---|---|"]
@@ -191,7 +213,9 @@ async def amain(args: argparse.Namespace) -> int:
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.baseline_rev], cwd=ROOT, check=True,
                        capture_output=True)
         try:
-            spec = server_spec(f"ours at {args.baseline_rev}", files["artifact"], args.threads, tree)
+            # an older server ran one worker of --threads intra-op threads
+            spec = server_spec(f"ours at {args.baseline_rev}", files["artifact"], args.threads, tree,
+                               ["--threads", str(args.threads)])
             result["servers"].append(await bench(spec, logs / "baseline.log", args, ours.get("rate_rps")))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)

@@ -252,19 +252,32 @@ def naive_spec(name: str, files: dict[str, Path], threads: int) -> ServerSpec:
     return ServerSpec(name, command, note=note)
 
 
-def ours_spec(files: dict[str, Path], threads: int, max_queue_s: float, cache_size: int) -> ServerSpec:
-    """runtime.serve; its exact-match vector cache is off by default (--ours-cache-size), because the
-    ladder repeats texts from finite pools and no other server caches: hits would measure the cache."""
+def ours_layout(layout: str | None, threads: int) -> tuple[int, int]:
+    """(workers, intra-op threads each) runtime.serve runs: ``KxT`` as given, else its default for ``threads``
+    cores (one worker per core, one thread each; runtime/serve/config.py)."""
+    if layout:
+        k, _, t = layout.partition("x")
+        return int(k), int(t)
+    return threads, 1
+
+
+def ours_spec(files: dict[str, Path], threads: int, max_queue_s: float, cache_size: int,
+              layout: tuple[int, int]) -> ServerSpec:
+    """runtime.serve on ``threads`` cores as ``layout`` (workers, threads each); its exact-match vector cache
+    is off by default (--ours-cache-size), because the ladder repeats texts from finite pools and no other
+    server caches: hits would measure the cache."""
     if importlib.util.find_spec("runtime.serve") is None:
         raise Unavailable("runtime.serve does not exist yet (no module runtime/serve)")
+    workers, per_worker = layout
 
     def command(port: int) -> tuple[list[str], dict[str, str], Path]:
         argv = [sys.executable, "-m", "runtime.serve", "--model", f"{MODEL_NAME}={files['artifact']}",
-                "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads),
-                "--max-queue-time", f"{max_queue_s:g}", "--cache-size", str(cache_size)]
+                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--threads",
+                str(per_worker), "--max-queue-time", f"{max_queue_s:g}", "--cache-size", str(cache_size)]
         return argv, base_env(threads), ROOT
 
-    return ServerSpec("ours", command, note=f"--max-queue-time {max_queue_s:g}s --cache-size {cache_size}")
+    return ServerSpec("ours", command, note=f"{workers} workers x {per_worker} thread(s), --max-queue-time "
+                      f"{max_queue_s:g}s --cache-size {cache_size}")
 
 
 def infinity_spec(files: dict[str, Path], threads: int, arch: str, instruction: str) -> ServerSpec:
@@ -694,7 +707,8 @@ def build_spec(name: str, files: dict[str, Path], args: argparse.Namespace, max_
     if name in NAIVE:
         return naive_spec(name, files, args.threads)
     if name == "ours":
-        return ours_spec(files, args.threads, max_queue_s, args.ours_cache_size)
+        return ours_spec(files, args.threads, max_queue_s, args.ours_cache_size,
+                         ours_layout(args.ours_layout, args.threads))
     if name == "infinity":
         return infinity_spec(files, args.threads, args.model_arch, instruction)
     raise SystemExit(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
@@ -805,6 +819,7 @@ def report(result: dict) -> str:
         "via onnxruntime) run through this project's tokenisation. Client and servers share the cores.",
         "",
         *summary_table(result),
+        *model_alone_lines(result),
         "",
         "## Vector check (min cosine to runtime.Embedder on the same checkpoint)",
         "",
@@ -829,6 +844,21 @@ def report(result: dict) -> str:
         lines += steps_table(r["steps"])
         lines += late_client_notes(r["steps"], result["slo_ms"])
     return "\n".join(lines)
+
+
+def model_alone_lines(result: dict) -> list[str]:
+    """The model alone with ours' worker layout, and ours' max sustainable rate as a share of it."""
+    alone = result.get("model_alone")
+    if not alone:
+        return []
+    per = ", ".join(f"{r['texts']} per run {r['texts_per_s']:.0f}" for r in alone["rows"])
+    line = (f"Model alone in this run ({alone['workers']} workers x {alone['threads']} thread(s), "
+            f"{alone['tokens_per_text']}-token texts, texts/s): {per}; mean {alone['mean_texts_per_s']:.0f}.")
+    ours = next((r for r in result["servers"] if r["server"] == "ours" and "summary" in r), None)
+    if ours is not None and ours["summary"].get("max_sustainable_rps"):
+        share = ours["summary"]["max_sustainable_rps"] / alone["mean_texts_per_s"]
+        line += f" Ours sustains {share:.0%} of that."
+    return ["", line]
 
 
 def late_client_notes(steps: list[dict], slo_ms: float) -> list[str]:
@@ -902,6 +932,12 @@ async def run_mix(mix: str, names: list[str], files: dict[str, Path], args: argp
         "connections": cfg.connections, "rates": cfg.rates, "start_rps": cfg.start_rps,
         "machine": machine(), "servers": [],
     }
+    if mix == "query" and "ours" in names:
+        # what the model alone does with ours' worker layout on this mix's texts, in this run: the ceiling
+        # the server is measured against (its max sustainable rate / this, at 1-4 texts per run)
+        result["model_alone"] = model_alone_figures(files["artifact"], ours_layout(args.ours_layout, args.threads),
+                                                    work, quick=args.quick)
+        say(f"model alone: {result['model_alone']}")
     previous = args.out / f"serve-{cfg.arch}-{mix}.json"
     if args.rerun and previous.is_file():
         # replace only the named servers in the last run's results; each entry says when it was measured
@@ -927,6 +963,24 @@ async def run_mix(mix: str, names: list[str], files: dict[str, Path], args: argp
             result["reruns"].append({"server": name, **entry["measured"]})
         write_outputs(result, args.out)  # partial results survive an interrupted run
     return result
+
+
+def model_alone_figures(artifact: Path, layout: tuple[int, int], work: Workload, quick: bool) -> dict:
+    """Texts/s of ``InferenceSession.run`` in a loop from ``workers`` threads at 1, 2 and 4 texts per run, at the
+    token length of this mix's queries (instruction included)."""
+    from runtime import Embedder
+
+    from .layout import model_alone
+
+    workers, threads = layout
+    emb = Embedder(artifact, device="cpu", precision="int8")
+    lengths = emb.tokenize([work.instruction + q for q in work.queries]).lengths
+    length = int(np.median(lengths))
+    model = artifact / emb.manifest.variants["int8"].model_file
+    del emb
+    rows = [model_alone(model, workers, threads, False, n, 1.0 if quick else 5.0, length) for n in (1, 2, 4)]
+    return {"workers": workers, "threads": threads, "tokens_per_text": length, "rows": rows,
+            "mean_texts_per_s": float(np.mean([r["texts_per_s"] for r in rows]))}
 
 
 def config(args: argparse.Namespace, mix: str) -> Config:
@@ -959,8 +1013,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="seconds passed to runtime.serve --max-queue-time (default: 0.7 x the mix's SLO)")
     p.add_argument("--ours-cache-size", type=int, default=0,
                    help="runtime.serve --cache-size (default 0: texts repeat across the ladder, nobody else caches)")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads of every server")
-    p.add_argument("--duration", type=float, default=None, help="seconds per rate step (default 10; 2 --quick)")
+    p.add_argument("--threads", type=int, default=2, help="cores of every server: the naive servers' intra-op "
+                   "threads; ours runs --ours-layout on them")
+    p.add_argument("--ours-layout", default=None, help="runtime.serve's KxT (workers x threads each); default: "
+                   "its own default on --threads cores (one worker per core, 1 thread each)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per rate step (default 30; 2 --quick)")
     p.add_argument("--min-requests", type=int, default=20, help="at least this many requests per step")
     p.add_argument("--rates", default=None, help="explicit comma list of offered rates (req/s): no adaptive ladder")
     p.add_argument("--start-rate", type=float, default=None, help="first rate of the adaptive ladder")
@@ -980,7 +1037,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     quick = args.quick
     args.model_arch = args.model_arch or ("tiny-zh" if quick else "bge-small-zh")
     args.mix = args.mix or ("query" if quick else "both")
-    args.duration = args.duration or (2.0 if quick else 10.0)
+    args.duration = args.duration or (2.0 if quick else 30.0)
     args.max_steps = args.max_steps or (6 if quick else 14)
     args.warmup = args.warmup if args.warmup is not None else (5 if quick else 20)
     args.drain = args.drain if args.drain is not None else (0.5 if quick else 2.0)

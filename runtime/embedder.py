@@ -5,19 +5,21 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .batching import make_batches
+from .batching import Batch, make_batches
 from .chunking import DEFAULT_OVERLAP, LONG_TEXT_MODES, Chunks, check_overlap, plan_windows, pool_windows
 from .errors import ArtifactError, InputTooLongError, InvalidOutputError
 from .integrity import check_external_data, verify_file
 from .manifest import PRECISIONS, Manifest
 from .progress import Progress
-from .providers import create_session, resolve_device
+from .providers import create_session, resolve_device, usable_cores
 from .tokenizer import Encoded, TextTokenizer
 
 _AUTO_ORDER = {"cuda": ("fp16", "fp32", "int8"), "cpu": ("int8", "fp32", "fp16")}
@@ -60,8 +62,12 @@ class Embedder:
     """Loads an artifact directory written by ``python -m export`` and embeds text with onnxruntime.
 
     One instance may be shared by threads: the tokenizer is never mutated after construction and
-    ``InferenceSession.run`` is thread-safe; on CPU, runs are serialised (each already uses all intra-op
-    threads), so many callers get the throughput of one instead of fighting over the cores.
+    ``InferenceSession.run`` is thread-safe. On CPU, at most ``workers`` graph runs are in flight at once
+    (default 1: each run uses every intra-op thread), so many callers get the machine's throughput instead
+    of fighting over the cores. ``workers=K`` runs K batches at once on one session (the weights are loaded
+    once), each with ``threads`` intra-op threads (default: the cores divided by K): on small batches that
+    gets more of a multi-core CPU than one run on every core (``benchmarks/layout.py``), and ``embed`` then
+    runs its batches K at a time.
     """
 
     def __init__(
@@ -73,7 +79,10 @@ class Embedder:
         device_id: int = 0,
         max_batch_tokens: int | None = None,
         spinning: bool = True,
+        workers: int = 1,
     ) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         self._root = Path(path)
         self._manifest = Manifest.load(self._root)
         self._device = resolve_device(device)
@@ -100,6 +109,10 @@ class Embedder:
             check_external_data(self._root, model_path, {Path(f.path).as_posix() for f in variant.files})
         tok_path = verify_file(self._root, self._manifest.tokenizer)
         self._tokenizer = TextTokenizer(tok_path, self._manifest.max_length)
+        if threads is None and workers > 1 and self._device == "cpu":
+            threads = max(1, usable_cores() // workers)
+        self._workers = workers
+        self._threads = threads
         self._session = create_session(model_path, self._device, threads, device_id, spinning=spinning)
         self._input_names = [i.name for i in self._session.get_inputs()]
         unknown = set(self._input_names) - {"input_ids", "attention_mask", "token_type_ids"}
@@ -115,12 +128,14 @@ class Embedder:
         self._output_dtype = _ORT_TO_NUMPY.get(outputs[self._output_name].type)
         if self._output_dtype is None:
             raise ArtifactError(f"output {self._output_name!r} has type {outputs[self._output_name].type}, not float")
-        # On CPU one run already uses every intra-op thread; concurrent runs from many caller threads only
-        # fight over the same cores (measured: 16 callers got half the throughput of one). Callers queue
-        # here while tokenisation and batching still run in parallel. On CUDA, runs may overlap.
-        self._run_lock: threading.Lock | contextlib.nullcontext = (
-            threading.Lock() if self._device == "cpu" else contextlib.nullcontext()
+        # On CPU at most `workers` runs are in flight: more concurrent runs than that only fight over the
+        # same cores (measured: 16 callers of a one-run Embedder got half the throughput of one). Callers
+        # queue here while tokenisation and batching still run in parallel. On CUDA, runs may overlap.
+        self._run_slots: threading.Semaphore | contextlib.nullcontext = (
+            threading.BoundedSemaphore(workers) if self._device == "cpu" else contextlib.nullcontext()
         )
+        self._batch_pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     # -- choosing what to load ---------------------------------------------------------------
     def _pick_precision(self, precision: str) -> str:
@@ -169,6 +184,16 @@ class Embedder:
         """(default texts per batch, padded tokens per batch, pad multiple) that ``embed`` batches by; the
         server forms its cross-request batches by the same numbers."""
         return self._default_batch_size, self._max_batch_tokens, self._pad_multiple
+
+    @property
+    def workers(self) -> int:
+        """Graph runs that may be in flight at once on CPU (the server runs this many inference threads)."""
+        return self._workers
+
+    @property
+    def threads(self) -> int | None:
+        """Intra-op threads each run uses (None: onnxruntime's default, one per core)."""
+        return self._threads
 
     @property
     def special_ids(self) -> tuple[list[int], list[int]]:
@@ -309,12 +334,12 @@ class Embedder:
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         progress = Progress(int(lengths.sum()), n_texts, owners) if show_progress else None
+        batches = make_batches(
+            rows, lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
+            pad_multiple=self._pad_multiple, max_length=self.max_length,
+        )
         try:
-            for batch in make_batches(
-                rows, lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
-                pad_multiple=self._pad_multiple, max_length=self.max_length,
-            ):
-                vectors = self._run(batch.input_ids, batch.attention_mask)
+            for batch, vectors in self._run_batches(batches):
                 self._check_output(vectors, owners[batch.indices])
                 out[batch.indices] = vectors
                 if progress is not None:
@@ -323,6 +348,30 @@ class Embedder:
             if progress is not None:
                 progress.close()
         return out
+
+    def _run_batches(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, np.ndarray]]:
+        """Each batch with its vectors, in order. With ``workers`` > 1 (CPU), up to ``workers`` batches run at
+        once from a thread pool, and at most one more is padded ahead (memory stays a few batches)."""
+        if self._workers == 1 or self._device != "cpu":
+            for batch in batches:
+                yield batch, self._run(batch.input_ids, batch.attention_mask)
+            return
+        pool = self._pool()
+        window: deque[tuple[Batch, Future]] = deque()
+        for batch in batches:
+            window.append((batch, pool.submit(self._run, batch.input_ids, batch.attention_mask)))
+            if len(window) > self._workers:
+                done, future = window.popleft()
+                yield done, future.result()
+        while window:
+            done, future = window.popleft()
+            yield done, future.result()
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._batch_pool is None:
+                self._batch_pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embed-run")
+            return self._batch_pool
 
     def embed_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Embed one pre-tokenised, padded batch (int64 ``[n, length]`` ids and 0/1 mask), as one run.
@@ -352,7 +401,7 @@ class Embedder:
         for name in self._input_names:
             binding.bind_cpu_input(name, feed[name])
         binding.bind_output(self._output_name, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
-        with self._run_lock:
+        with self._run_slots:
             self._session.run_with_iobinding(binding)
         return out if out.dtype == np.float32 else out.astype(np.float32)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from importlib import metadata
+from pathlib import Path
 
 from .errors import ProviderUnavailableError
 
@@ -75,6 +76,21 @@ def disabled_optimizers(providers: list) -> list[str]:
     """The rewrites to switch off for a session whose first provider is ``providers[0]``."""
     first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
     return list(DISABLED_OPTIMIZERS["cuda" if first == CUDA else "cpu"])
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:

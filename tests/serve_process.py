@@ -70,7 +70,7 @@ def start_server(args: list[str], log_dir: Path, env: dict[str, str] | None = No
     log_path = log_dir / f"server-{port}.log"
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     cmd = [sys.executable, "-m", "runtime.serve", "--host", "127.0.0.1", "--port", str(port),
-           "--threads", "2", "--log-level", "warning", *args]
+           "--log-level", "warning", *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(proc, port, log_path, api_key)

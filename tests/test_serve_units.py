@@ -17,7 +17,10 @@ from runtime.serve.cost import PAD_FACTOR, BatchCost
 from runtime.serve.engine import Job, ModelWorker
 from runtime.serve.errors import ApiError, QueueFull
 from runtime.serve.metrics import Metrics
+from runtime.providers import usable_cores
 from runtime.serve.protocol import parse_openai, parse_tei
+
+from .helpers import chinese_text
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -124,8 +127,10 @@ def _job(loop, n, dim, timeout=30.0) -> Job:
     return Job(n=n, dim=dim, deadline=time.monotonic() + timeout, loop=loop, future=loop.create_future())
 
 
-def test_worker_vectors_equal_embed_and_oldest_text_goes_first(tiny_emb):
-    texts = ["短", "一个稍微长一点的句子" * 3, "长" * 300, "中等长度的句子"]
+def test_worker_vectors_equal_embed_short_texts_first_until_one_waited(tiny_emb):
+    """A free worker runs the batch of the shortest texts (a query does not wait behind a 512-token
+    document), unless the oldest text has waited a quarter of the budget: then its batch goes first."""
+    texts = ["长" * 300, "一个稍微长一点的句子" * 3, "中等长度的句子", "短", "也短"]
     ids = tiny_emb.tokenize(texts).ids
 
     async def run():
@@ -134,9 +139,13 @@ def test_worker_vectors_equal_embed_and_oldest_text_goes_first(tiny_emb):
         jobs = [_job(loop, 1, tiny_emb.dim) for _ in texts]
         for job, row in zip(jobs, ids):
             w.submit(job, [(0, row, None)])
-        first = w._take_batch()  # what the worker would run next
-        assert first[0].job is jobs[0]  # the oldest text's batch, not the longest text's
-        w._run(first)
+        first = w._take_batch(0)  # what the worker would run next: the two short texts, oldest first
+        assert [it.job for it in first] == [jobs[3], jobs[4]]
+        w._run(0, first)
+        w._pending[0].enqueued -= 3.0  # the 300-character text has now waited 3 s, over 10 s / 4
+        second = w._take_batch(0)
+        assert [it.job for it in second] == [jobs[0]]
+        w._run(0, second)
         w.start()
         await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 30)
         w.stop()
@@ -146,6 +155,66 @@ def test_worker_vectors_equal_embed_and_oldest_text_goes_first(tiny_emb):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         np.testing.assert_allclose(got, tiny_emb.embed(texts), atol=1e-6)
+
+
+def test_parallel_workers_split_the_queue_and_give_embed_vectors(tiny_artifact):
+    """K workers on one session: idle workers split the queue (two queued texts run on two workers at
+    once), and under concurrent load every text gets exactly ``Embedder.embed``'s vector."""
+    emb = Embedder(tiny_artifact, spinning=False, workers=2)
+    assert emb.workers == 2 and emb.threads == max(1, usable_cores() // 2)
+    rng = np.random.default_rng(0)
+    texts = [chinese_text(int(n), rng) for n in rng.integers(1, 120, size=300)]
+    ids = emb.tokenize(texts).ids
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        w = _worker(emb)
+        probe = [_job(loop, 1, emb.dim) for _ in range(4)]
+        for job in probe:
+            w.submit(job, [(0, ids[0], None)])
+        assert len(w._take_batch(0)) == 2  # 4 queued, 2 idle workers: a share of 2
+        w._pending.clear()
+        w._queued_tokens = w._queued_sq = 0
+        w._idle = 2
+        w.start()
+        jobs = []
+        for start in range(0, len(texts), 7):  # requests of up to 7 texts, arriving while others run
+            job = _job(loop, len(ids[start:start + 7]), emb.dim)
+            w.submit(job, [(i, row, None) for i, row in enumerate(ids[start:start + 7])])
+            jobs.append(job)
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 60)
+        w.stop()
+        return np.concatenate([j.vectors for j in jobs])
+
+    got = asyncio.run(run())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_allclose(got, Embedder(tiny_artifact).embed(texts), atol=1e-6)
+        np.testing.assert_allclose(emb.embed(texts), got, atol=1e-6)  # embed itself runs 2 batches at once
+
+
+def test_one_worker_is_kept_for_short_texts_while_they_keep_arriving(tiny_artifact):
+    """With K workers, long batches run on at most K - 1 at once while short texts keep arriving: a query
+    finds a worker within the time of a short run. With no short text for a second, all K take long ones."""
+    emb = Embedder(tiny_artifact, spinning=False, workers=2)
+    long_row, other_long, short_row = emb.tokenize(["长" * 300, "长" * 140, "短句"]).ids  # 2 long batches
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        w = _worker(emb)
+        for row in (long_row, other_long, short_row):
+            w.submit(_job(loop, 1, emb.dim), [(0, row, None)])
+        assert [len(it.ids) for it in w._take_batch(0)] == [len(short_row)]  # shortest first
+        w._idle -= 1
+        assert [len(it.ids) for it in w._take_batch(1)] == [len(other_long)]  # one long batch may run
+        w._idle -= 1
+        w._idle += 1  # worker 0 is done with the short text
+        assert w._take_batch(0) == [] and len(w._pending) == 1  # kept free: a query arrived just now
+        w._short_seen -= 2.0  # no short text for two seconds
+        assert [len(it.ids) for it in w._take_batch(0)] == [len(long_row)]
+
+    asyncio.run(run())
 
 
 def test_worker_refuses_past_its_queue_limit_and_drops_dead_work(tiny_emb):
@@ -159,10 +228,10 @@ def test_worker_refuses_past_its_queue_limit_and_drops_dead_work(tiny_emb):
             w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])
         assert exc.value.retry_after_s >= 1 and "limit 600" in exc.value.reason
         big.cancelled = "disconnected"  # its client left: nothing of it may reach the model
-        assert w._take_batch() == [] and w.queued_tokens == 0
+        assert w._take_batch(0) == [] and w.queued_tokens == 0
         late = _job(loop, 1, tiny_emb.dim, timeout=-1)  # already past its deadline
         w.submit(late, [(0, row, None)])
-        assert w._take_batch() == [] and w.queued_tokens == 0
+        assert w._take_batch(0) == [] and w.queued_tokens == 0
 
     asyncio.run(run())
 

@@ -27,6 +27,7 @@ from ..chunking import pool_windows
 from ..embedder import Embedder, RowPlan
 from ..errors import EmbedderError, InputTooLongError
 from ..manifest import MANIFEST_NAME
+from ..providers import resolve_device
 from .cache import VectorCache
 from .config import ServeConfig
 from .engine import Job, ModelWorker
@@ -105,8 +106,9 @@ class EmbeddingService:
         try:
             for i, spec in enumerate(cfg.models):
                 self.state.detail = f"loading model {spec.name!r} ({i + 1} of {len(cfg.models)})"
-                emb = Embedder(spec.path, device=cfg.device, precision=cfg.precision, threads=cfg.threads,
-                               max_batch_tokens=cfg.max_batch_tokens, spinning=cfg.spinning)
+                workers, threads = cfg.layout(resolve_device(cfg.device))
+                emb = Embedder(spec.path, device=cfg.device, precision=cfg.precision, threads=threads,
+                               max_batch_tokens=cfg.max_batch_tokens, spinning=cfg.spinning, workers=workers)
                 worker = ModelWorker(spec.name, emb, self.cache, self.metrics, max_batch_size=cfg.batch_size,
                                      max_queue_time=cfg.queue_time_budget, max_queue_tokens=cfg.max_queue_tokens)
                 self.state.detail = f"warming up model {spec.name!r}"
@@ -115,9 +117,9 @@ class EmbeddingService:
                 worker.start()
                 self.digests[spec.name] = hashlib.sha256((spec.path / MANIFEST_NAME).read_bytes()).hexdigest()
                 self.workers[spec.name] = worker
-                log.info("model %r ready: %s, %s on %s, dim %d, max length %d, warm-up %.2f s, one text of 32 "
-                         "tokens %.1f ms, 32 of 32 %.1f ms", spec.name, spec.path, emb.precision, emb.providers[0],
-                         emb.dim, emb.max_length, time.perf_counter() - t0, worker.cost.predict(1, 32) * 1e3,
+                log.info("model %r ready: %s, %s on %s, %d worker(s) x %s thread(s), dim %d, max length %d, "
+                         "warm-up %.2f s, one text of 32 tokens %.1f ms, 32 of 32 %.1f ms", spec.name, spec.path,
+                         emb.precision, emb.providers[0], workers, threads or "auto", emb.dim, emb.max_length, time.perf_counter() - t0, worker.cost.predict(1, 32) * 1e3,
                          worker.cost.predict(32, 32) * 1e3)
         except (EmbedderError, OSError, ValueError) as exc:
             self.state.phase = "failed"
@@ -470,7 +472,7 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
             e, m = w.embedder, w.embedder.manifest
             out.append({
                 "name": name, "dimension": e.dim, "max_length": e.max_length, "precision": e.precision,
-                "device": e.device, "provider": e.providers[0], "pooling": m.pooling, "normalize": m.normalize,
+                "device": e.device, "provider": e.providers[0], "workers": e.workers, "threads": e.threads, "pooling": m.pooling, "normalize": m.normalize,
                 "query_instruction": m.query_instruction, "source_model": m.source.model,
                 "source_revision": m.source.revision, "random_weights": m.source.random_weights,
                 "manifest_sha256": svc.digests[name],

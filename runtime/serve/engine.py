@@ -1,12 +1,21 @@
-"""One inference worker per model: a queue shared by all requests, batches formed across requests.
+"""The inference workers of one model: a queue shared by all requests, batches formed across requests.
 
 The event loop tokenises (in a thread pool), checks the cache, and admits a request's texts into the
 model's queue, or refuses them at once when the queue already holds more work than drains within the
-queue-time budget (429 beats a timeout: the client can retry elsewhere now). The worker thread takes the
-queued texts whenever the model is free (no fixed wait when idle), drops the texts of requests that timed
-out or whose client left, and forms the batch that holds the oldest waiting text by the runtime's own
-rules (length-sorted, token budget, no text under half the batch's longest), so a text is fed to the graph
-exactly as ``Embedder.embed`` would feed it and gets the same vector whatever shares its batch.
+queue-time budget (429 beats a timeout: the client can retry elsewhere now). K worker threads (the
+``Embedder``'s ``workers``: K graph runs in flight on one session) take queued texts whenever one is free
+(no fixed wait when idle), drop the texts of requests that timed out or whose client left, and form batches
+by the runtime's own rules (length-sorted, token budget, no text under half the batch's longest), so a text
+is fed to the graph exactly as ``Embedder.embed`` would feed it and gets the same vector whatever shares its
+batch.
+
+Which batch a free worker takes: the one of the shortest texts (a query does not wait behind a queued
+512-token document, whose run takes ten times as long), unless the oldest waiting text has waited a quarter
+of the queue-time budget, whose batch then goes first (nothing starves). How many: while other workers are
+idle, a worker takes its share of the queue (the queued texts divided by the free workers), so two queued
+queries run on two workers at once instead of one after the other. While short texts keep arriving (one in
+the last second), long batches (a text over ``LONG_TOKENS``) run on at most K - 1 workers at once, so a
+query always finds a worker within the time of a short run, not of a 512-token one.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ from .errors import QueueFull
 from .metrics import Metrics
 
 log = logging.getLogger("runtime.serve")
+
+LONG_TOKENS = 128  # a batch whose longest text is over this is long: a worker is kept free of them for queries
+_SHORT_RECENT_S = 1.0  # ... while a short text arrived within this many seconds
 
 
 
@@ -76,7 +88,8 @@ class Item:
 
 
 class ModelWorker:
-    """Owns one ``Embedder`` and the thread that runs it. Admission and queue depth live here."""
+    """Owns one ``Embedder`` and the ``embedder.workers`` threads that run it. Admission and queue depth live
+    here, one queue for all the threads."""
 
     def __init__(
         self,
@@ -102,10 +115,16 @@ class ModelWorker:
         self._queued_tokens = 0
         self._queued_sq = 0  # sum of squared lengths of the queued texts (attention's share of the cost)
         self.cost = BatchCost()
-        self._busy_until = 0.0  # monotonic time the running batch is expected to end
+        self._workers = embedder.workers
+        self._busy_until = [0.0] * self._workers  # per worker: monotonic time its running batch should end
+        self._idle = self._workers
+        self._long_running = 0  # workers running a long batch
+        self._short_seen = -math.inf  # monotonic time a short text last arrived
+        self._long = [False] * self._workers
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(k,), name=f"infer-{name}-{k}", daemon=True)
+                         for k in range(self._workers)]
         m = metrics
         self._m_queue_s = m.queue_seconds.labels(name)
         self._m_infer_s = m.inference_seconds.labels(name)
@@ -116,6 +135,8 @@ class ModelWorker:
         self._m_embedded = m.embedded_texts.labels(name)
         self._m_dropped = {r: m.dropped_texts.labels(name, r) for r in ("deadline", "disconnected", "failed")}
         self._m_shed = m.shed_requests.labels(name)
+        self._m_busy = m.busy_workers.labels(name)
+        m.workers.labels(name).set(self._workers)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -139,13 +160,16 @@ class ModelWorker:
         self.cost.fit(samples)
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
 
     # -- admission (event loop) --------------------------------------------------------------
     @property
@@ -154,10 +178,13 @@ class ModelWorker:
 
     def queue_seconds(self, own_texts: int = 0, own_tokens: int = 0, own_sq: int = 0) -> float:
         """Estimated time until the queued work (and ``own``, a request joining it) is done: the rest of the
-        running batch, then the queued texts in batches, by the cost model."""
-        running = max(0.0, self._busy_until - time.monotonic())
-        return running + self.cost.drain_seconds(len(self._pending) + own_texts, self._queued_tokens + own_tokens,
-                                                 self._queued_sq + own_sq, self._max_batch_size)
+        running batches, then the queued texts in batches, by the cost model, shared by the K workers (the
+        cost model's scale follows how long runs take when K of them share the cores)."""
+        now = time.monotonic()
+        running = sum(max(0.0, b - now) for b in self._busy_until)
+        queued = self.cost.drain_seconds(len(self._pending) + own_texts, self._queued_tokens + own_tokens,
+                                         self._queued_sq + own_sq, self._max_batch_size)
+        return (running + queued) / self._workers
 
     def submit(self, job: Job, rows: list[tuple[int, list[int], Hashable | None]]) -> None:
         """Queue ``rows`` (index in request, ids, cache key) of ``job``, or raise ``QueueFull`` when the work
@@ -191,6 +218,8 @@ class ModelWorker:
                                    f"of work queued ahead), over the budget of {self._max_queue_time * 1000:.0f} ms "
                                    "(--max-queue-time)", ahead)
             job.remaining = len(rows)
+            if any(len(ids) <= LONG_TOKENS for _, ids, _ in rows):
+                self._short_seen = now
             self._pending.extend(Item(job, i, ids, key, now) for i, ids, key in rows)
             self._queued_tokens += tokens
             self._queued_sq += sq
@@ -203,19 +232,38 @@ class ModelWorker:
         raise QueueFull(max(1, math.ceil(wait_s)), reason)
 
     # -- the worker thread -------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, k: int) -> None:
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
                     self._cond.wait()
                 if not self._pending:  # stopping and nothing left
                     return
-                batch = self._take_batch()
+                batch = self._take_batch(k)
+                if batch:
+                    self._idle -= 1
+                    self._m_busy.set(self._workers - self._idle)
+                    if self._pending:  # more left: another idle worker may take its share
+                        self._cond.notify()
+                elif self._pending:  # kept free for short texts: wait for one, or for a worker to finish
+                    self._cond.wait(_SHORT_RECENT_S)
+                    continue
             if batch:
-                self._run(batch)
+                try:
+                    self._run(k, batch)
+                finally:
+                    with self._cond:
+                        self._idle += 1
+                        self._busy_until[k] = 0.0
+                        if self._long[k]:
+                            self._long[k] = False
+                            self._long_running -= 1
+                        self._m_busy.set(self._workers - self._idle)
+                        self._cond.notify_all()  # a worker kept free of long batches may take one now
 
-    def _take_batch(self) -> list[Item]:
-        """Under the lock: drop dead texts, then take the batch that holds the oldest waiting text."""
+    def _take_batch(self, k: int) -> list[Item]:
+        """Under the lock: drop dead texts, then take the batch of the shortest texts (or of the oldest text,
+        once it has waited a quarter of the budget), at most this worker's share of the queue."""
         now = time.monotonic()
         alive: list[Item] = []
         for it in self._pending:
@@ -237,23 +285,34 @@ class ModelWorker:
             chosen, rest = alive, []
         else:
             lengths = np.fromiter((len(it.ids) for it in alive), dtype=np.int64, count=len(alive))
-            plan = plan_batches(lengths, self._max_batch_size, self._max_batch_tokens)
-            # alive is in arrival order, so index 0 is the oldest text: serve its batch first (no starvation)
-            pick = next(b for b in plan if (b == 0).any())
+            share = math.ceil(len(alive) / max(1, self._idle))  # the idle workers split the queue
+            plan = plan_batches(lengths, min(self._max_batch_size, share), self._max_batch_tokens)
+            # alive is in arrival order, so index 0 is the oldest text
+            if now - alive[0].enqueued > self._max_queue_time / 4:
+                pick = next(b for b in plan if (b == 0).any())  # it has waited long enough: its batch now
+            else:  # the batch of the shortest texts; of two alike, the one holding the older text
+                pick = min(plan, key=lambda b: (int(lengths[b].max()), int(b.min())))
             taken = np.zeros(len(alive), dtype=bool)
             taken[pick] = True
             chosen = [alive[i] for i in sorted(pick.tolist())]
             rest = [it for it, t in zip(alive, taken) if not t]
+        longest = max(len(it.ids) for it in chosen)
+        if (longest > LONG_TOKENS and self._long_running >= self._workers - 1 > 0
+                and now - self._short_seen < _SHORT_RECENT_S):
+            self._pending = alive  # keep this worker for the short texts that keep arriving
+            return []
         self._pending = rest
         self._queued_tokens -= sum(len(it.ids) for it in chosen)
         self._queued_sq -= sum(len(it.ids) ** 2 for it in chosen)
-        longest = max(len(it.ids) for it in chosen)
-        self._busy_until = now + self.cost.predict(len(chosen), longest)
+        self._busy_until[k] = now + self.cost.predict(len(chosen), longest)
+        if longest > LONG_TOKENS:
+            self._long[k] = True
+            self._long_running += 1
         self._m_queue_texts.set(len(rest))
         self._m_queue_tokens.set(self._queued_tokens)
         return chosen
 
-    def _run(self, batch: list[Item]) -> None:
+    def _run(self, k: int, batch: list[Item]) -> None:
         ids, mask = pad_batch([it.ids for it in batch], self._pad_id, self._pad_multiple, self._max_length)
         start = time.monotonic()
         t0 = time.perf_counter()

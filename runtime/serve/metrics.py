@@ -39,6 +39,10 @@ class Metrics:
         self.dropped_texts = Counter(
             "bge_dropped_texts", "Texts dropped before reaching the model (their request timed out or its client "
             "went away).", ["model", "reason"], registry=r)
+        self.busy_workers = Gauge(
+            "bge_busy_workers", "Inference workers running a batch now (saturated when it stays at "
+            "bge_workers).", ["model"], registry=r)
+        self.workers = Gauge("bge_workers", "Inference workers of the model.", ["model"], registry=r)
         self.shed_requests = Counter(
             "bge_shed_requests", "Requests refused with 429 because the queue was full.", ["model"], registry=r)
 
