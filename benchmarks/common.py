@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -50,3 +53,14 @@ def save(out: Path, stem: str, result: dict, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     (out / f"{stem}.md").write_text(markdown + "\n")
+
+
+def run_threads(target: Callable[..., None], args: Sequence[tuple]) -> float:
+    """Start one thread per argument tuple on ``target``, wait for all; the wall seconds they took."""
+    threads = [threading.Thread(target=target, args=a) for a in args]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 from . import datasets
+from .common import run_threads
 
 
 def run(artifact: Path, callers: int, precision: str, texts: list[str], batch_size: int = 8) -> tuple[float, np.ndarray]:
@@ -36,13 +35,7 @@ def run(artifact: Path, callers: int, precision: str, texts: list[str], batch_si
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in slices]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
+    seconds = run_threads(work, [(s,) for s in slices])
     if errors:
         raise errors[0]
     return len(texts) / seconds, out

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -66,7 +66,7 @@ async def capacity(session, url: str, payloads: list[bytes], clients: int, secon
     return done / (loop.time() - t0)
 
 
-def flood_client(url: str, payload_path: str, seconds: float, results: "multiprocessing.Queue") -> None:
+def flood_client(url: str, payload_path: str, seconds: float, results: Any) -> None:
     """One flooding client, in a process of its own (other clients are other processes): send the payload,
     wait for the answer, send it again, for ``seconds``; put [(status, latency_s)] on ``results``."""
     import httpx

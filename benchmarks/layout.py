@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import cpu_flags, save
+from .common import cpu_flags, run_threads, save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUERY_TOKENS = 36
@@ -52,13 +52,7 @@ def model_alone(model_path: Path, workers: int, threads: int, spinning: bool, te
         with lock:
             runs.extend(mine)
 
-    pool = [threading.Thread(target=loop) for _ in range(workers)]
-    t0 = time.perf_counter()
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_threads(loop, [()] * workers)
     return {"workers": workers, "threads": threads, "spinning": spinning, "texts": texts,
             "texts_per_s": len(runs) * texts / wall, "run_ms_p50": float(np.median(runs) * 1000)}
 

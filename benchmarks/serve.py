@@ -932,17 +932,18 @@ async def run_mix(mix: str, names: list[str], files: dict[str, Path], args: argp
         "connections": cfg.connections, "rates": cfg.rates, "start_rps": cfg.start_rps,
         "machine": machine(), "servers": [],
     }
-    if mix == "query" and "ours" in names:
-        # what the model alone does with ours' worker layout on this mix's texts, in this run: the ceiling
-        # the server is measured against (its max sustainable rate / this, at 1-4 texts per run)
-        result["model_alone"] = model_alone_figures(files["artifact"], ours_layout(args.ours_layout, args.threads),
-                                                    work, quick=args.quick)
-        say(f"model alone: {result['model_alone']}")
     previous = args.out / f"serve-{cfg.arch}-{mix}.json"
     if args.rerun and previous.is_file():
         # replace only the named servers in the last run's results; each entry says when it was measured
         result = json.loads(previous.read_text())
         result.setdefault("reruns", [])
+    if mix == "query" and "ours" in names:
+        # what the model alone does with ours' worker layout on this mix's texts, in this run: the ceiling
+        # the server is measured against (its max sustainable rate / this, at 1-4 texts per run)
+        result["model_alone"] = model_alone_figures(files["artifact"], ours_layout(args.ours_layout, args.threads),
+                                                    work, quick=args.quick)
+        result["model_alone"]["measured"] = machine()["date"]
+        say(f"model alone: {result['model_alone']}")
     for name in names:
         try:
             spec = build_spec(name, files, args, max_queue_s, reference["instruction"])

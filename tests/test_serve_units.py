@@ -14,7 +14,7 @@ from runtime import Embedder
 from runtime.serve.cache import VectorCache
 from runtime.serve.config import parse_args
 from runtime.serve.cost import PAD_FACTOR, BatchCost
-from runtime.serve.engine import Job, ModelWorker
+from runtime.serve.engine import QUERY_STREAM, Job, ModelWorker
 from runtime.serve.errors import ApiError, QueueFull
 from runtime.serve.metrics import Metrics
 from runtime.providers import usable_cores
@@ -195,8 +195,9 @@ def test_parallel_workers_split_the_queue_and_give_embed_vectors(tiny_artifact):
 
 
 def test_one_worker_is_kept_for_short_texts_while_they_keep_arriving(tiny_artifact):
-    """With K workers, long batches run on at most K - 1 at once while short texts keep arriving: a query
-    finds a worker within the time of a short run. With no short text for a second, all K take long ones."""
+    """With K workers, long batches run on at most K - 1 at once while queries keep arriving: a query finds a
+    worker within the time of a short run. With no stream of queries, all K take long ones; a request that
+    mixes short and long texts is no query."""
     emb = Embedder(tiny_artifact, spinning=False, workers=2)
     long_row, other_long, short_row = emb.tokenize(["长" * 300, "长" * 140, "短句"]).ids  # 2 long batches
 
@@ -205,13 +206,17 @@ def test_one_worker_is_kept_for_short_texts_while_they_keep_arriving(tiny_artifa
         w = _worker(emb)
         for row in (long_row, other_long, short_row):
             w.submit(_job(loop, 1, emb.dim), [(0, row, None)])
+        for _ in range(QUERY_STREAM - 1):  # a stream of queries: QUERY_STREAM in the last second
+            w.submit(_job(loop, 2, emb.dim), [(0, short_row, None), (1, short_row, None)])
+        w.submit(_job(loop, 2, emb.dim), [(0, short_row, None), (1, long_row, None)])  # not a query
+        w._pending = [it for it in w._pending if it.job.n == 1]  # the queries have been answered
         assert [len(it.ids) for it in w._take_batch(0)] == [len(short_row)]  # shortest first
         w._idle -= 1
         assert [len(it.ids) for it in w._take_batch(1)] == [len(other_long)]  # one long batch may run
         w._idle -= 1
         w._idle += 1  # worker 0 is done with the short text
         assert w._take_batch(0) == [] and len(w._pending) == 1  # kept free: a query arrived just now
-        w._short_seen -= 2.0  # no short text for two seconds
+        w._queries.popleft()  # one query fewer in the last second: no stream any more
         assert [len(it.ids) for it in w._take_batch(0)] == [len(long_row)]
 
     asyncio.run(run())

@@ -13,9 +13,11 @@ Which batch a free worker takes: the one of the shortest texts (a query does not
 512-token document, whose run takes ten times as long), unless the oldest waiting text has waited a quarter
 of the queue-time budget, whose batch then goes first (nothing starves). How many: while other workers are
 idle, a worker takes its share of the queue (the queued texts divided by the free workers), so two queued
-queries run on two workers at once instead of one after the other. While short texts keep arriving (one in
-the last second), long batches (a text over ``LONG_TOKENS``) run on at most K - 1 workers at once, so a
-query always finds a worker within the time of a short run, not of a 512-token one.
+queries run on two workers at once instead of one after the other. While queries keep arriving (requests
+of short texts only, at least ``QUERY_STREAM`` in the last second), long batches (a text over
+``LONG_TOKENS``) run on at most K - 1 workers at once, so a query finds a worker within the time of a short
+run, not of a 512-token one. A request that mixes short and long texts does not count: keeping a worker from
+its own long texts would only make it later.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -41,7 +44,8 @@ from .metrics import Metrics
 log = logging.getLogger("runtime.serve")
 
 LONG_TOKENS = 128  # a batch whose longest text is over this is long: a worker is kept free of them for queries
-_SHORT_RECENT_S = 1.0  # ... while a short text arrived within this many seconds
+QUERY_STREAM = 5  # ... while at least this many requests of short texts only arrived within the last second
+_QUERY_WINDOW_S = 1.0
 
 
 
@@ -119,7 +123,7 @@ class ModelWorker:
         self._busy_until = [0.0] * self._workers  # per worker: monotonic time its running batch should end
         self._idle = self._workers
         self._long_running = 0  # workers running a long batch
-        self._short_seen = -math.inf  # monotonic time a short text last arrived
+        self._queries: deque[float] = deque()  # arrival times of requests of short texts only, last second
         self._long = [False] * self._workers
         self._cond = threading.Condition()
         self._stopping = False
@@ -218,8 +222,8 @@ class ModelWorker:
                                    f"of work queued ahead), over the budget of {self._max_queue_time * 1000:.0f} ms "
                                    "(--max-queue-time)", ahead)
             job.remaining = len(rows)
-            if any(len(ids) <= LONG_TOKENS for _, ids, _ in rows):
-                self._short_seen = now
+            if all(len(ids) <= LONG_TOKENS for _, ids, _ in rows):
+                self._queries.append(now)
             self._pending.extend(Item(job, i, ids, key, now) for i, ids, key in rows)
             self._queued_tokens += tokens
             self._queued_sq += sq
@@ -245,8 +249,8 @@ class ModelWorker:
                     self._m_busy.set(self._workers - self._idle)
                     if self._pending:  # more left: another idle worker may take its share
                         self._cond.notify()
-                elif self._pending:  # kept free for short texts: wait for one, or for a worker to finish
-                    self._cond.wait(_SHORT_RECENT_S)
+                elif self._pending:  # kept free for queries: wait for one, or for a worker to finish
+                    self._cond.wait(_QUERY_WINDOW_S)
                     continue
             if batch:
                 try:
@@ -260,6 +264,12 @@ class ModelWorker:
                             self._long_running -= 1
                         self._m_busy.set(self._workers - self._idle)
                         self._cond.notify_all()  # a worker kept free of long batches may take one now
+
+    def _query_stream(self, now: float) -> bool:
+        """Under the lock: did at least QUERY_STREAM requests of short texts only arrive in the last second?"""
+        while self._queries and now - self._queries[0] > _QUERY_WINDOW_S:
+            self._queries.popleft()
+        return len(self._queries) >= QUERY_STREAM
 
     def _take_batch(self, k: int) -> list[Item]:
         """Under the lock: drop dead texts, then take the batch of the shortest texts (or of the oldest text,
@@ -297,9 +307,8 @@ class ModelWorker:
             chosen = [alive[i] for i in sorted(pick.tolist())]
             rest = [it for it, t in zip(alive, taken) if not t]
         longest = max(len(it.ids) for it in chosen)
-        if (longest > LONG_TOKENS and self._long_running >= self._workers - 1 > 0
-                and now - self._short_seen < _SHORT_RECENT_S):
-            self._pending = alive  # keep this worker for the short texts that keep arriving
+        if longest > LONG_TOKENS and self._long_running >= self._workers - 1 > 0 and self._query_stream(now):
+            self._pending = alive  # keep this worker for the queries that keep arriving
             return []
         self._pending = rest
         self._queued_tokens -= sum(len(it.ids) for it in chosen)
