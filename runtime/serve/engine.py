@@ -122,9 +122,8 @@ class ModelWorker:
         self._workers = embedder.workers
         self._busy_until = [0.0] * self._workers  # per worker: monotonic time its running batch should end
         self._idle = self._workers
-        self._long_running = 0  # workers running a long batch
         self._queries: deque[float] = deque()  # arrival times of requests of short texts only, last second
-        self._long = [False] * self._workers
+        self._long = [False] * self._workers  # per worker: is its running batch long?
         self._cond = threading.Condition()
         self._stopping = False
         self._threads = [threading.Thread(target=self._loop, args=(k,), name=f"infer-{name}-{k}", daemon=True)
@@ -259,9 +258,7 @@ class ModelWorker:
                     with self._cond:
                         self._idle += 1
                         self._busy_until[k] = 0.0
-                        if self._long[k]:
-                            self._long[k] = False
-                            self._long_running -= 1
+                        self._long[k] = False
                         self._m_busy.set(self._workers - self._idle)
                         self._cond.notify_all()  # a worker kept free of long batches may take one now
 
@@ -307,16 +304,14 @@ class ModelWorker:
             chosen = [alive[i] for i in sorted(pick.tolist())]
             rest = [it for it, t in zip(alive, taken) if not t]
         longest = max(len(it.ids) for it in chosen)
-        if longest > LONG_TOKENS and self._long_running >= self._workers - 1 > 0 and self._query_stream(now):
+        if longest > LONG_TOKENS and sum(self._long) >= self._workers - 1 > 0 and self._query_stream(now):
             self._pending = alive  # keep this worker for the queries that keep arriving
             return []
         self._pending = rest
         self._queued_tokens -= sum(len(it.ids) for it in chosen)
         self._queued_sq -= sum(len(it.ids) ** 2 for it in chosen)
         self._busy_until[k] = now + self.cost.predict(len(chosen), longest)
-        if longest > LONG_TOKENS:
-            self._long[k] = True
-            self._long_running += 1
+        self._long[k] = longest > LONG_TOKENS
         self._m_queue_texts.set(len(rest))
         self._m_queue_tokens.set(self._queued_tokens)
         return chosen
