@@ -29,7 +29,8 @@ def parse_precisions(value: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export",
-        description="Export a BERT-family embedding model (BGE by default) to validated ONNX artifacts.",
+        description="Export a BERT-family embedding model (BGE by default) or a cross-encoder reranker (bge-reranker) "
+                    "to validated ONNX artifacts.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to download")
@@ -40,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write (replaced atomically)")
     p.add_argument("--precision", type=parse_precisions, default=PRECISION_ORDER,
                    help="comma list of fp32,fp16,int8 (default: all three)")
-    p.add_argument("--max-length", type=int, default=None, help="max tokens per text (default: the model's)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="max tokens per text, or per (query, passage) pair for a reranker (default: the model's; "
+                        "rerankers 512 at most, as FlagReranker)")
+    p.add_argument("--query-max-length", type=int, default=None,
+                   help="rerankers: the query's tokens are cut to this before pairing (default: 3/4 of max length, "
+                        "as FlagReranker)")
     p.add_argument("--query-instruction", default=None,
                    help="text prepended by embed_queries (default: BGE's instruction for BGE models, else empty)")
     p.add_argument("--pooling", choices=("cls", "mean"), default=None,
@@ -85,16 +91,20 @@ def main(argv: list[str] | None = None) -> int:
                     max_length=args.max_length,
                     query_instruction=args.query_instruction,
                     seed=args.seed,
+                    query_max_length=args.query_max_length,
                 )
             if spec.random_weights:
                 progress.say(
                     f"!! RANDOM WEIGHTS: {spec.name} is built with seeded random weights (seed {args.seed}); "
                     "use it for speed and plumbing tests only, its vectors mean nothing !!"
                 )
-            progress.say(
-                f"   pooling={spec.pooling} normalize={spec.normalize} max_length={spec.max_length} "
-                f"query_instruction={spec.query_instruction!r}"
-            )
+            if spec.kind == "reranker":
+                progress.say(f"   kind=reranker max_length={spec.max_length} query_max_length={spec.query_max_length}")
+            else:
+                progress.say(
+                    f"   pooling={spec.pooling} normalize={spec.normalize} max_length={spec.max_length} "
+                    f"query_instruction={spec.query_instruction!r}"
+                )
             with staging(args.out) as stage:
                 result = run_export(spec, args.out, args.precision, progress, stage, labelled)
                 if result.manifest is not None:

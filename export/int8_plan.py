@@ -36,10 +36,24 @@ QKV, ATTENTION_OUTPUT, FFN_UP, FFN_DOWN = "qkv", "attention_output", "ffn_up", "
 _GELU_OPS = ("BiasGelu", "Gelu", "FastGelu")
 
 
+def head_products(model: onnx.ModelProto) -> list[str]:
+    """The products after the encoder's last layer norm (a cross-encoder's classification head): they stay
+    float32. A handful of FLOPs per text, and the last layer's error should not be compounded by theirs."""
+    from .precision import head_nodes
+
+    head = set(head_nodes(model))
+    names = [n.name for n in model.graph.node if n.name in head and n.op_type in QUANT_OPS]
+    # onnxruntime's quantiser rewrites a Gemm as MatMul + Add (named "<gemm>_MatMul") before it quantises
+    names += [f"{n.name}_MatMul" for n in model.graph.node if n.name in head and n.op_type == "Gemm"]
+    return names
+
+
 def targets(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The weight matrix products the quantiser may quantise (constant weight as second input)."""
+    """The weight matrix products of the encoder the quantiser may quantise (constant weight as second input)."""
     inits = {i.name for i in model.graph.initializer}
-    return [n for n in model.graph.node if n.op_type in QUANT_OPS and len(n.input) > 1 and n.input[1] in inits]
+    head = set(head_products(model))
+    return [n for n in model.graph.node if n.op_type in QUANT_OPS and len(n.input) > 1 and n.input[1] in inits
+            and n.name not in head]
 
 
 def product_roles(model: onnx.ModelProto) -> dict[str, str]:
@@ -65,7 +79,7 @@ class Calibration:
     ch_min: dict[str, np.ndarray]  # per-channel min over real tokens, by tensor name
     ch_max: dict[str, np.ndarray]  # per-channel max over real tokens
     samples: dict[str, np.ndarray]  # a few thousand real-token rows per tensor, for the error simulation
-    reference: np.ndarray  # the FP32 graph's (normalised) vectors of the calibration texts
+    reference: np.ndarray  # the FP32 graph's outputs on the calibration inputs, one row per input
 
     def amax(self, name: str) -> np.ndarray:
         return np.maximum(np.abs(self.ch_min[name]), np.abs(self.ch_max[name]))
@@ -108,10 +122,9 @@ def calibrate(model_path: Path, feeds: list[dict[str, np.ndarray]], keep_batches
             if b < keep_batches:
                 pick = rng.choice(len(rows), size=min(per_batch, len(rows)), replace=False)
                 samples[name].append(rows[pick].copy())
-    vectors = np.concatenate(embeddings)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    outputs = np.concatenate([e.reshape(len(e), -1) for e in embeddings])
     return Calibration(ch_min=ch_min, ch_max=ch_max, samples={k: np.concatenate(v) for k, v in samples.items()},
-                       reference=vectors)
+                       reference=outputs)
 
 
 @dataclass

@@ -24,6 +24,11 @@ class LabelledPairs:
     def texts(self) -> list[str]:
         return self.first + self.second
 
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """The pairs as a cross-encoder scores them."""
+        return list(zip(self.first, self.second))
+
 
 def load_pairs(path: Path) -> LabelledPairs:
     """A TSV of sentence pairs with a similarity score: either with a header naming ``sentence1``,

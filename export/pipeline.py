@@ -15,13 +15,13 @@ import numpy as np
 
 from runtime.errors import EmbedderError
 from runtime.integrity import sha256_file
-from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest, Parity, Source, Variant
+from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest, PairFormat, Parity, Source, Variant
 
 from . import graph, onnx_io, optimize, precision, probes, quantize
 from .report import Progress, Row
 from .source import ModelSpec
-from .labelled import QUALITY_GATES, LabelledPairs, pair_spearman
-from .validate import GATES, parity
+from .labelled import QUALITY_GATES, LabelledPairs, pair_spearman, spearman
+from .validate import GATES, parity, ranking_figures, ranking_gates, ranking_passes
 
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 FILENAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
@@ -89,6 +89,31 @@ def calibration_feeds(tokenizer_path: Path, max_length: int, pad_id: int, n_text
     ]
 
 
+def pair_calibration_feeds(tokenizer_path: Path, max_length: int, query_max_length: int, pad_id: int,
+                           n_pairs: int, token_types: bool) -> list[dict[str, np.ndarray]]:
+    """Calibration batches of (query, passage) pairs, tokenised and padded as the Reranker does it: sentence
+    pairs from the calibration text (as STS-B pairs them), and short texts against the long documents, so the
+    ranges cover both a short pair and one the passage side fills to max length."""
+    from runtime.batching import make_batches
+    from runtime.pairs import PairTokenizer, segment_ids
+
+    texts = quantize.calibration_texts(n_pairs)
+    short = [t for t in texts if t and len(t) < 400]
+    long = [t for t in texts if len(t) >= 400]
+    pairs = [(short[i], short[i + 1]) for i in range(0, len(short) - 1, 2)]
+    pairs += [(short[i], long[i % len(long)]) for i in range(0, len(short), 7)] if long else []
+    pairs += [("", short[0]), (short[1], "")]
+    enc = PairTokenizer(tokenizer_path, max_length, query_max_length).encode(pairs[:n_pairs])
+    feeds = []
+    for b in make_batches(enc.ids, enc.lengths, pad_id, batch_size=16, max_batch_tokens=16 * max_length):
+        feed = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+        if token_types:
+            feed["token_type_ids"] = segment_ids(enc.lengths[b.indices], [enc.segment_start[i] for i in b.indices],
+                                                 b.input_ids.shape)
+        feeds.append(feed)
+    return feeds
+
+
 def _validation_device(name: str) -> str:
     from runtime.providers import cuda_available
 
@@ -104,25 +129,38 @@ def run_export(
     labelled: LabelledPairs | None = None,
 ) -> ExportResult:
     """Build every requested variant into ``stage``; the caller publishes ``stage`` as ``out``."""
-    from .reference import ReferenceEmbedder, load_model, load_tokenizer
+    from .reference import ReferenceEmbedder, ReferenceReranker, load_model, load_tokenizer
 
     cfg = spec.config
     layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+    reranker = spec.kind == "reranker"
+    groups = probes.rerank_groups() if reranker else []
+    what = (f"reference scores of {sum(map(len, groups))} probe pairs" if reranker
+            else f"reference vectors on {len(probes.PROBES)} probe texts")
     with tempfile.TemporaryDirectory(prefix="bge-export-") as tmp:
         work = Path(tmp)
-        with progress.step(f"loading {spec.name} and computing reference vectors on {len(probes.PROBES)} probe texts"):
+        with progress.step(f"loading {spec.name} and computing {what}"):
             model = load_model(spec, attn_implementation="eager")
             tokenizer = load_tokenizer(spec)
-            ref_embedder = ReferenceEmbedder(spec, model=model, tokenizer=tokenizer)
-            reference = ref_embedder.embed(list(probes.PROBES))
             quality_ref = None
-            if labelled is not None:
-                quality_ref = pair_spearman(ref_embedder.embed(labelled.texts, batch_size=32), labelled)
-                progress.say(f"      reference Spearman on {labelled.name}: {quality_ref:.5f}")
-            del ref_embedder
-        with progress.step("exporting the ONNX graph (pooling and normalisation inside)"):
+            if reranker:
+                ref_reranker = ReferenceReranker(spec, model=model, tokenizer=tokenizer)
+                reference: Any = [ref_reranker.score(g) for g in groups]
+                if labelled is not None:
+                    quality_ref = spearman(ref_reranker.score(labelled.pairs, batch_size=32), labelled.score)
+                del ref_reranker
+            else:
+                ref_embedder = ReferenceEmbedder(spec, model=model, tokenizer=tokenizer)
+                reference = ref_embedder.embed(list(probes.PROBES))
+                if labelled is not None:
+                    quality_ref = pair_spearman(ref_embedder.embed(labelled.texts, batch_size=32), labelled)
+                del ref_embedder
+            if quality_ref is not None:
+                progress.say(f"      reference Spearman on {labelled.name}: {quality_ref:.5f}")  # type: ignore[union-attr]
+        inside = "the classification head inside: one logit per pair" if reranker else "pooling and normalisation inside"
+        with progress.step(f"exporting the ONNX graph ({inside})"):
             traced = work / "traced.onnx"
-            graph.export_onnx(model, spec.pooling, spec.normalize, traced)
+            names = graph.export_onnx(model, spec.pooling, spec.normalize, traced, kind=spec.kind)
             del model
         with progress.step("fusing with onnxruntime's transformer optimizer"):
             fused, fused_counts = optimize.fuse(traced, heads=heads, hidden=hidden, layers=layers)
@@ -142,12 +180,18 @@ def run_export(
         if "int8" in precisions:
             with progress.step("quantising to INT8 (calibrate, smooth, split outlier channels, greedy on calibration cosine)"):
                 dst = stage / FILENAMES["int8"]
-                opts = quantize.Int8Options()
-                feeds = calibration_feeds(stage / TOKENIZER_FILE, spec.max_length, pad_id, opts.calibration_texts)
+                if reranker:
+                    opts = quantize.Int8Options(agreement="score_pearson")
+                    feeds = pair_calibration_feeds(stage / TOKENIZER_FILE, spec.max_length, spec.query_max_length,
+                                                   pad_id, opts.calibration_texts, "token_type_ids" in names)
+                else:
+                    opts = quantize.Int8Options()
+                    feeds = calibration_feeds(stage / TOKENIZER_FILE, spec.max_length, pad_id, opts.calibration_texts)
                 info = quantize.quantize_int8(fp32_files[0], dst, feeds, opts)
                 built["int8"] = ([dst], info, fused_counts)
+                measure = "logit Pearson" if reranker else "min cosine"
                 progress.say(f"      FFN up-projections split: {len(info['split_ffn_up_nodes'])}; kept in float32: "
-                             f"{info['float32_nodes'] or 'none'}; calibration min cosine {info['calibration_min_cosine_vs_fp32']}")
+                             f"{info['float32_nodes'] or 'none'}; calibration {measure} {info['calibration_min_cosine_vs_fp32']}")
 
     variants = {
         name: Variant(
@@ -155,7 +199,7 @@ def run_export(
             model_file=files[0].name,
             files=tuple(_entry(stage, f) for f in files),
             execution_provider=PROVIDER[name],
-            parity=Parity(validated=False, gate_min_cosine=GATES[name]),
+            parity=Parity(validated=False, gate_min_cosine=None if reranker else GATES[name]),
             fused_operators=counts,
             build=info,
         )
@@ -174,22 +218,29 @@ def run_export(
         normalize=spec.normalize,
         max_length=spec.max_length,
         query_instruction=spec.query_instruction,
-        dimension=int(hidden),
-        input_names=graph.INPUT_NAMES,
-        output_name=graph.OUTPUT_NAME,
+        dimension=1 if reranker else int(hidden),
+        input_names=tuple(names),
+        output_name=graph.SCORE_NAME if reranker else graph.OUTPUT_NAME,
         opset=graph.OPSET,
         tokenizer=_entry(stage, stage / TOKENIZER_FILE),
         pad_token_id=pad_id,
         variants=variants,
         versions=_versions(),
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        kind=spec.kind,
+        pair=PairFormat(query_max_length=spec.query_max_length, token_type_ids="token_type_ids" in names)
+        if reranker else None,
     )
     (stage / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
 
     rows, checked = [], {}
     with progress.step(f"validating {', '.join(variants)} against the PyTorch reference"):
         for name in variants:
-            row, par = _validate(stage, name, variants[name], reference, labelled, quality_ref)
+            if reranker:
+                row, par = _validate_reranker(stage, name, variants[name], groups, reference, labelled, quality_ref,
+                                              spec.random_weights)
+            else:
+                row, par = _validate(stage, name, variants[name], reference, labelled, quality_ref)
             rows.append(row)
             if row.status != "FAIL":
                 checked[name] = replace(variants[name], parity=par)
@@ -258,4 +309,68 @@ def _validate(
     status = "pass" if passed else "FAIL"
     row = Row(name, variant.model_file, size, fig.min_cosine, fig.mean_cosine, fig.max_abs_diff, gate, status,
               quality.get("ratio"))
+    return row, par
+
+
+def _validate_reranker(
+    stage: Path,
+    name: str,
+    variant: Variant,
+    groups: list[list[tuple[str, str]]],
+    reference: list[np.ndarray],
+    labelled: LabelledPairs | None,
+    quality_ref: float | None,
+    random_weights: bool = False,
+) -> tuple[Row, Parity]:
+    """FP32/FP16: the reference's logits within a tight tolerance; INT8: the ranking gate (each probe query's
+    passages in the reference's order: Kendall tau, top-3 overlap; sigmoid score error). With labelled pairs,
+    the Spearman of the scores to the gold scores, as a share of the reference's.
+
+    Random weights: FP32 is gated as always (exactness does not depend on the weights); FP16 and INT8 are
+    measured and recorded but not gated. A random encoder gives every input nearly the same first-token state
+    (its variation across the probe pairs is 0.7% of its norm at tiny size, 11% for the bge-reranker-base
+    architecture), so any head that spreads the scores must amplify that small difference, and rounding
+    error with it: the figures say nothing about a trained reranker. Trained weights are gated (the
+    fine-tuned MiniLM cross-encoder in the tests and benchmarks/quality_rerank.py)."""
+    from runtime import Reranker
+
+    device = _validation_device(name)
+    size = variant.size_bytes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fp16-on-CPU and truncation warnings are expected here
+            rr = Reranker(stage, device=device, precision=name)
+            scores = [rr.score(g, batch_size=8) for g in groups]
+            labelled_scores = rr.score(labelled.pairs, batch_size=32) if labelled is not None else None
+    except (EmbedderError, RuntimeError) as exc:
+        if name != "fp16":
+            raise
+        note = f"not validated: no CUDA, and the CPU provider could not run it ({type(exc).__name__})"
+        return Row(name, variant.model_file, size, None, None, None, 0.0, note), Parity(validated=False, note=note)
+    fig = ranking_figures(scores, reference)
+    gated = name == "fp32" or not random_weights
+    passed = ranking_passes(name, fig) or not gated
+    quality: dict[str, Any] = {}
+    if labelled is not None and labelled_scores is not None and quality_ref is not None:
+        rho = spearman(labelled_scores, labelled.score)
+        ratio = rho / quality_ref if quality_ref else float("nan")
+        quality = {"dataset": labelled.name, "pairs": len(labelled.first), "spearman": rho,
+                   "reference_spearman": quality_ref, "ratio": ratio, "gate_ratio": QUALITY_GATES[name]}
+        passed = passed and ratio >= QUALITY_GATES[name]
+    par = Parity(
+        validated=True,
+        max_abs_diff=fig["max_abs_logit_diff"],
+        n_texts=int(fig["pairs"]),
+        device=device,
+        note=("" if device == "cuda" or name != "fp16" else "validated on the CPU provider; intended for CUDA; ")
+        + ("" if gated else "random weights: measured, not gated (see export/pipeline.py _validate_reranker)"),
+        quality=quality,
+        ranking={**fig, "gates": ranking_gates(name) if gated else {}},
+    )
+    gates = ranking_gates(name)
+    row = Row(name, variant.model_file, size, None, None, fig["max_abs_logit_diff"],
+              gates.get("max_abs_logit_diff", gates.get("min_kendall_tau", 0.0)),
+              ("pass" if passed else "FAIL") if gated else "not gated: random weights",
+              quality.get("ratio"), kendall_min=fig["min_kendall_tau"], top3=fig["mean_top3_overlap"],
+              sigmoid_error=fig["max_sigmoid_error"])
     return row, par

@@ -30,3 +30,19 @@ PROBES: tuple[str, ...] = (
     _NEWS * 8,
     ("This sentence is repeated to build a long English passage. " * 60).strip(),
 )
+
+# Rerankers are checked per query: each query against every probe text as its passage (the empty text, short
+# and long ones, past 512 tokens: the passage side is cut to fit), in both languages, and one query past the
+# query cap.
+RERANK_QUERIES: tuple[str, ...] = (
+    "手机开不了机怎么办？",
+    "北京是哪个国家的首都？",
+    "What is the capital of France?",
+    "how to improve sleep quality",
+    "国家统计局发布的经济数据 " * 60,
+)
+
+
+def rerank_groups() -> list[list[tuple[str, str]]]:
+    """One list of (query, passage) pairs per probe query."""
+    return [[(q, p) for p in PROBES] for q in RERANK_QUERIES]

@@ -41,6 +41,7 @@ class Int8Options:
     alpha: float = 0.7  # SmoothQuant migration strength, chosen on the calibration split
     calibration_texts: int = 256
     target_min_cosine: float = 0.99  # on the calibration texts, against the FP32 graph: the export gate
+    agreement: str = "min_cosine"  # what the target is on: AGREEMENT's min_cosine (embedders), score_pearson (rerankers)
     down_outliers: int = 32  # FFN down-projection input channels computed in float32 (always)
     up_outliers: int = 4  # FFN up-projection input channels computed in float32 (when the greedy asks)
     max_float_fraction: float = 0.2  # never keep more than this share of the products in float32
@@ -65,14 +66,31 @@ def calibration_texts(n: int) -> list[str]:
     return [""] + short[:: max(1, len(short) // max(n_short, 1))][:n_short] + long[:n_long]
 
 
-def _embed(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+def _outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    out = np.concatenate([sess.run(None, f)[0] for f in feeds])
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return np.concatenate([o.reshape(len(o), -1) for o in (sess.run(None, f)[0] for f in feeds)])
+
+
+def min_cosine(candidate: np.ndarray, reference: np.ndarray) -> float:
+    """Embedders: the worst text's cosine to the FP32 vector."""
+    a, b = candidate.astype(np.float64), reference.astype(np.float64)
+    den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return float(((a * b).sum(axis=1) / den).min())
+
+
+def score_pearson(candidate: np.ndarray, reference: np.ndarray) -> float:
+    """Rerankers: Pearson correlation of the pairs' logits with the FP32 logits (a scalar per pair has no
+    cosine; what ranking needs is that scores move together)."""
+    a, b = candidate[:, 0].astype(np.float64), reference[:, 0].astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-30))
+
+
+AGREEMENT = {"min_cosine": min_cosine, "score_pearson": score_pearson}
 
 
 def quantize_int8(
@@ -107,6 +125,8 @@ def quantize_int8(
     ranked = sorted(errors, key=errors.get, reverse=True)
     limit = int(len(ranked) * options.max_float_fraction)
     reference, prepared = cal.reference, dst.with_name(dst.name + ".prepared.onnx")
+    agreement = AGREEMENT[options.agreement]
+    head = plan_.head_products(onnx.load(str(fp32_path), load_external_data=False))
     history: list[dict[str, Any]] = []
     split_up: list[str] = []
     try:
@@ -121,7 +141,7 @@ def quantize_int8(
                 per_channel=True,
                 reduce_range=options.reduce_range,
                 weight_type=QuantType.QInt8,
-                nodes_to_exclude=plan.float32 + side,
+                nodes_to_exclude=plan.float32 + side + head,
                 extra_options={
                     # shape inference cannot see through the fused contrib ops; the documented way past it
                     "DefaultTensorType": onnx.TensorProto.FLOAT,
@@ -129,7 +149,7 @@ def quantize_int8(
                 },
             )
             static = make_activations_static(dst, ranges) if options.static_activations else 0
-            cal_min = float((_embed(dst, feeds) * reference).sum(axis=1).min())
+            cal_min = agreement(_outputs(dst, feeds), reference)
             history.append({"split_ffn_up": len(split_up), "float32_nodes": len(plan.float32),
                             "calibration_min_cosine": round(cal_min, 6)})
             if cal_min >= options.target_min_cosine:
@@ -163,6 +183,8 @@ def quantize_int8(
         "calibration_texts": options.calibration_texts,
         "calibration_source": "export/calibration.txt (STS-B en/zh even rows) + export/calibration-long.txt",
         "float32_nodes": plan.float32,
+        "float32_head_nodes": head,
+        "agreement": options.agreement,
         "handback_history": history,
         "calibration_min_cosine_vs_fp32": round(cal_min, 6),
         "target_min_cosine": options.target_min_cosine,

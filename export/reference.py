@@ -23,17 +23,16 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 def load_model(spec: ModelSpec, attn_implementation: str = "sdpa"):
-    """BertModel in eval mode, from safetensors only, never with remote code."""
-    from transformers import BertModel
+    """The encoder (embedders: BertModel / XLMRobertaModel without pooler) or the sequence classifier
+    (rerankers), in eval mode, from safetensors only, never with remote code."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
-    model = BertModel.from_pretrained(
-        spec.path,
-        use_safetensors=True,
-        trust_remote_code=False,
-        add_pooling_layer=False,
-        attn_implementation=attn_implementation,
-        torch_dtype=torch.float32,
-    )
+    kwargs = dict(use_safetensors=True, trust_remote_code=False, attn_implementation=attn_implementation,
+                  dtype=torch.float32)
+    if spec.kind == "reranker":
+        model = AutoModelForSequenceClassification.from_pretrained(spec.path, **kwargs)
+    else:
+        model = AutoModel.from_pretrained(spec.path, add_pooling_layer=False, **kwargs)
     return model.eval()
 
 
@@ -73,3 +72,61 @@ class ReferenceEmbedder:
                 vec = torch.nn.functional.normalize(vec, p=2, dim=1)
             out.append(vec.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
+
+
+def pair_template(tokenizer) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The special ids the tokenizer puts before, between and after the two sides of a pair, and the segment id
+    of the prefix, first side + middle, and second side + suffix, read off its encoding of a probe pair."""
+    a = tokenizer("a", add_special_tokens=False)["input_ids"]
+    b = tokenizer("b", add_special_tokens=False)["input_ids"]
+    both = tokenizer("a", "b", return_token_type_ids=True)
+    ids, types = both["input_ids"], both["token_type_ids"]
+    i = next(k for k in range(len(ids)) if ids[k : k + len(a)] == a)
+    j = next(k for k in range(i + len(a), len(ids)) if ids[k : k + len(b)] == b)
+    segments = [types[0] if i > 0 else 0, types[i], types[j]]
+    return ids[:i], ids[i + len(a) : j], ids[j + len(b) :], segments
+
+
+def pair_features(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, query_max_length: int) -> list[dict]:
+    """Each pair tokenised as FlagEmbedding's FlagReranker does it (transformers 4's ``prepare_for_model`` with
+    ``only_second``; transformers 5 has no such call on fast tokenizers, so the pair is put together here from
+    the tokenizer's own template): the query's tokens cut to ``query_max_length``, the passage's to
+    ``max_length``, then the passage cut so the pair fits ``max_length``."""
+    prefix, middle, suffix, (t0, t1, t2) = pair_template(tokenizer)
+    specials = len(prefix) + len(middle) + len(suffix)
+    queries = tokenizer([q for q, _ in pairs], add_special_tokens=False, truncation=True,
+                        max_length=query_max_length)["input_ids"]
+    passages = tokenizer([p for _, p in pairs], add_special_tokens=False, truncation=True,
+                         max_length=max_length)["input_ids"]
+    out = []
+    for q, p in zip(queries, passages):
+        p = p[: max(0, max_length - specials - len(q))]
+        ids = prefix + q + middle + p + suffix
+        types = [t0] * len(prefix) + [t1] * (len(q) + len(middle)) + [t2] * (len(p) + len(suffix))
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "token_type_ids": types})
+    return out
+
+
+class ReferenceReranker:
+    """transformers' ...ForSequenceClassification on pairs tokenised as FlagReranker does; raw logits, fp32."""
+
+    def __init__(self, spec: ModelSpec, model=None, tokenizer=None) -> None:
+        self.spec = spec
+        self.model = model if model is not None else load_model(spec)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[tuple[str, str]], batch_size: int = 8) -> np.ndarray:
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(pairs), batch_size):
+            feats = pair_features(self.tokenizer, pairs[start : start + batch_size], self.spec.max_length,
+                                  self.spec.query_max_length)
+            enc = self.tokenizer.pad(feats, padding=True, return_tensors="pt")
+            args = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            if int(getattr(self.model.config, "type_vocab_size", 1) or 1) == 1:
+                args.pop("token_type_ids", None)
+            logits = self.model(**args).logits
+            out.append(logits[:, 0].float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)

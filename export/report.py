@@ -38,6 +38,9 @@ class Row:
     gate: float
     status: str  # "pass", "FAIL", "not validated: ..."
     spearman_ratio: float | None = None  # with --validate-with
+    kendall_min: float | None = None  # rerankers: worst probe query's Kendall tau to the reference order
+    top3: float | None = None  # rerankers: mean top-3 overlap with the reference
+    sigmoid_error: float | None = None  # rerankers: largest sigmoid-score difference
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -45,6 +48,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def table(rows: list[Row]) -> str:
+    if any(r.kendall_min is not None for r in rows):
+        return _ranking_table(rows)
     lines = [
         "| variant | file | size (MB) | min cosine | mean cosine | max abs diff | gate | Spearman / ref | status |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -53,6 +58,21 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.variant} | {r.file} | {r.size_bytes / 1e6:.1f} | {_fmt(r.min_cosine, '.6f')} | "
             f"{_fmt(r.mean_cosine, '.6f')} | {_fmt(r.max_abs_diff, '.2e')} | >= {r.gate} | "
+            f"{_fmt(r.spearman_ratio, '.4f')} | {r.status} |"
+        )
+    return "\n".join(lines)
+
+
+def _ranking_table(rows: list[Row]) -> str:
+    lines = [
+        "| variant | file | size (MB) | max logit diff | min Kendall tau | top-3 overlap | max sigmoid err | "
+        "Spearman / ref | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.variant} | {r.file} | {r.size_bytes / 1e6:.1f} | {_fmt(r.max_abs_diff, '.2e')} | "
+            f"{_fmt(r.kendall_min, '.4f')} | {_fmt(r.top3, '.3f')} | {_fmt(r.sigmoid_error, '.4f')} | "
             f"{_fmt(r.spearman_ratio, '.4f')} | {r.status} |"
         )
     return "\n".join(lines)

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from .architectures import ARCHITECTURES, BGE_EN_INSTRUCTION, BGE_ZH_INSTRUCTION, materialise
+
+MODEL_TYPES = ("bert", "xlm-roberta")
+RERANKER_MAX_LENGTH = 512  # FlagReranker's compute_score default, whatever the model's positions
 from .errors import SourceModelError
 
 _HUB_PATTERNS = [
@@ -22,6 +25,7 @@ _HUB_PATTERNS = [
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
     "1_Pooling/config.json",
+    "sentencepiece.bpe.model",  # XLM-R tokenizers without tokenizer.json
 ]
 
 
@@ -39,6 +43,8 @@ class ModelSpec:
     max_length: int
     query_instruction: str
     config: dict[str, Any] = field(default_factory=dict)
+    kind: str = "embedder"  # or "reranker": a cross-encoder (...ForSequenceClassification, one label)
+    query_max_length: int = 0  # rerankers: the query's own tokens are cut to this (FlagReranker: 3/4 of max)
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -118,6 +124,20 @@ def detect_max_length(path: Path, config: dict[str, Any]) -> int:
     return positions
 
 
+def detect_kind(config: dict[str, Any], name: str) -> str:
+    """A checkpoint whose architecture is ...ForSequenceClassification with one label is a cross-encoder."""
+    archs = [str(a) for a in config.get("architectures") or []]
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        return "embedder"
+    labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 1)
+    if labels != 1:
+        raise SourceModelError(
+            f"{name} is a sequence classifier with {labels} labels; a reranker has one relevance logit. "
+            "This exporter takes cross-encoders (bge-reranker, ms-marco cross-encoders) and embedders"
+        )
+    return "reranker"
+
+
 def default_instruction(name: str) -> str:
     low = name.lower()
     if "bge" in low and "zh" in low:
@@ -138,6 +158,7 @@ def resolve(
     max_length: int | None = None,
     query_instruction: str | None = None,
     seed: int = 0,
+    query_max_length: int | None = None,
 ) -> ModelSpec:
     """Turn the CLI's description of a model into a local checkpoint plus its embedding recipe."""
     if random_init is not None:
@@ -145,10 +166,11 @@ def resolve(
             raise SourceModelError(f"--random-init must be one of {sorted(ARCHITECTURES)}, got {random_init!r}")
         path = materialise(random_init, workdir / "random-checkpoint", seed=seed)
         name, rev, local, random = random_init, None, True, True
-        if query_instruction is None:  # every built-in architecture is a BGE zh one
-            query_instruction = BGE_ZH_INSTRUCTION
+        if query_instruction is None and ARCHITECTURES[random_init].kind == "embedder":
+            query_instruction = BGE_ZH_INSTRUCTION  # every built-in embedder architecture is a BGE zh one
     elif Path(model).expanduser().is_dir():
-        path, name, rev, local, random = Path(model).expanduser().resolve(), model, None, True, False
+        path, name, rev, local = Path(model).expanduser().resolve(), model, None, True
+        random = (path / "RANDOM_WEIGHTS").is_file()  # a checkpoint --random-init (or the tests) materialised
     elif Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
         raise SourceModelError(f"--model {model} is not a directory; point it at a Hugging Face checkpoint directory")
     else:
@@ -158,21 +180,36 @@ def resolve(
     config = _read_json(path / "config.json")
     if not isinstance(config, dict):
         raise SourceModelError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
-    if config.get("model_type") != "bert":
+    if config.get("model_type") not in MODEL_TYPES:
         raise SourceModelError(
             f"{name} is a {config.get('model_type')!r} model; this exporter supports BERT encoders (the BGE zh/en "
-            "v1.5 family, MiniLM, ...)"
+            "v1.5 family, MiniLM, BERT cross-encoders) and XLM-RoBERTa cross-encoders (bge-reranker)"
         )
+    kind = detect_kind(config, name)
     if not any(path.glob("*.safetensors")):
         raise SourceModelError(
             f"{path} has no .safetensors weights; this exporter loads safetensors only (pickled .bin files can run "
             "code). Convert the checkpoint with `transformers` save_pretrained(safe_serialization=True) first."
         )
-    det_pooling, det_normalize = detect_pooling(path)
-    limit = int(config.get("max_position_embeddings", 512))
-    length = max_length if max_length is not None else detect_max_length(path, config)
+    det_pooling, det_normalize = detect_pooling(path) if kind == "embedder" else ("cls", False)
+    # XLM-RoBERTa numbers positions from pad_token_id + 1: 514 positions hold 512 tokens
+    offset = int(config.get("pad_token_id", 1)) + 1 if config.get("model_type") == "xlm-roberta" else 0
+    limit = int(config.get("max_position_embeddings", 512)) - offset
+    if max_length is not None:
+        length = max_length
+    else:
+        length = min(detect_max_length(path, config), limit)
+        if kind == "reranker":
+            length = min(length, RERANKER_MAX_LENGTH)
     if not 2 <= length <= limit:
         raise SourceModelError(f"--max-length must be between 2 and the model's {limit} positions, got {length}")
+    q_length = 0
+    if kind == "reranker":
+        q_length = query_max_length if query_max_length is not None else length * 3 // 4
+        if not 1 <= q_length <= length - 4:
+            raise SourceModelError(f"--query-max-length must be between 1 and max length - 4 ({length - 4}), got {q_length}")
+    elif query_max_length is not None:
+        raise SourceModelError("--query-max-length applies to rerankers only; this checkpoint is an embedder")
     return ModelSpec(
         name=name,
         path=path,
@@ -182,6 +219,9 @@ def resolve(
         pooling=pooling or det_pooling,
         normalize=det_normalize if normalize is None else normalize,
         max_length=length,
-        query_instruction=default_instruction(name) if query_instruction is None else query_instruction,
+        query_instruction=("" if kind == "reranker" else default_instruction(name)) if query_instruction is None
+        else query_instruction,
         config=config,
+        kind=kind,
+        query_max_length=q_length,
     )

@@ -35,3 +35,62 @@ def parity(candidate: np.ndarray, reference: np.ndarray) -> ParityFigures:
         max_abs_diff=float(np.nan_to_num(np.abs(candidate - reference), nan=np.inf).max()),
         n_texts=len(cos),
     )
+
+
+# -- rerankers ------------------------------------------------------------------------------------------------
+# FP32 and FP16 must give the reference's logits (FP16 kept its head and softmax inputs in float32); INT8 is
+# gated on what a reranker is for: the order of each query's passages, and the score a threshold reads.
+LOGIT_GATES = {"fp32": 1e-3, "fp16": 0.05}  # max |logit - reference|
+RANK_GATES = {"min_kendall_tau": 0.85, "mean_top3_overlap": 0.9, "max_sigmoid_error": 0.03}
+TOP_K = 3
+
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b of two score lists (ties counted as in scipy's default)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    da = np.sign(a[:, None] - a[None, :])
+    db = np.sign(b[:, None] - b[None, :])
+    iu = np.triu_indices(len(a), k=1)
+    da, db = da[iu], db[iu]
+    concordant = float((da * db).sum())
+    den = np.sqrt(float((da != 0).sum()) * float((db != 0).sum()))
+    return concordant / den if den > 0 else 1.0
+
+
+def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int = TOP_K) -> float:
+    k = min(k, len(a))
+    return len(set(np.argsort(-a, kind="stable")[:k]) & set(np.argsort(-b, kind="stable")[:k])) / k
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def ranking_figures(candidate: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
+    """Per query (one array of passage scores each): Kendall tau and top-3 overlap with the reference's order,
+    and over all pairs the largest logit and sigmoid-score differences."""
+    taus = [kendall_tau(c, r) for c, r in zip(candidate, reference)]
+    overlaps = [top_k_overlap(c, r) for c, r in zip(candidate, reference)]
+    cat_c, cat_r = np.concatenate(candidate), np.concatenate(reference)
+    finite = bool(np.isfinite(cat_c).all())
+    return {
+        "queries": len(taus),
+        "pairs": int(len(cat_c)),
+        "min_kendall_tau": float(min(taus)) if finite else -1.0,
+        "mean_kendall_tau": float(np.mean(taus)) if finite else -1.0,
+        "mean_top3_overlap": float(np.mean(overlaps)) if finite else 0.0,
+        "max_abs_logit_diff": float(np.nan_to_num(np.abs(cat_c - cat_r), nan=np.inf).max()),
+        "max_sigmoid_error": float(np.nan_to_num(np.abs(_sigmoid(cat_c) - _sigmoid(cat_r)), nan=1.0).max()),
+    }
+
+
+def ranking_passes(name: str, fig: dict[str, float]) -> bool:
+    if name in LOGIT_GATES:
+        return fig["max_abs_logit_diff"] <= LOGIT_GATES[name]
+    return (fig["min_kendall_tau"] >= RANK_GATES["min_kendall_tau"]
+            and fig["mean_top3_overlap"] >= RANK_GATES["mean_top3_overlap"]
+            and fig["max_sigmoid_error"] <= RANK_GATES["max_sigmoid_error"])
+
+
+def ranking_gates(name: str) -> dict[str, float]:
+    return {"max_abs_logit_diff": LOGIT_GATES[name]} if name in LOGIT_GATES else dict(RANK_GATES)

@@ -1,4 +1,4 @@
-"""Thin BGE embedding runtime over onnxruntime and tokenizers (no torch, no transformers)."""
+"""Thin BGE embedding and reranking runtime over onnxruntime and tokenizers (no torch, no transformers)."""
 
 from .chunking import Chunks
 from .embedder import Embedder, TruncationWarning
@@ -10,7 +10,8 @@ from .errors import (
     InvalidOutputError,
     ProviderUnavailableError,
 )
-from .manifest import FileEntry, Manifest, Parity, Source, Variant
+from .manifest import FileEntry, Manifest, PairFormat, Parity, Source, Variant
+from .reranker import PairTruncationWarning, Reranker
 
 __all__ = [
     "ArtifactError",
@@ -22,8 +23,11 @@ __all__ = [
     "IntegrityError",
     "InvalidOutputError",
     "Manifest",
+    "PairFormat",
+    "PairTruncationWarning",
     "Parity",
     "ProviderUnavailableError",
+    "Reranker",
     "Source",
     "TruncationWarning",
     "Variant",

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import warnings
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .batching import Batch, make_batches
+from .batching import make_batches
 from .chunking import DEFAULT_OVERLAP, LONG_TEXT_MODES, Chunks, check_overlap, plan_windows, pool_windows
-from .errors import ArtifactError, InputTooLongError, InvalidOutputError
-from .integrity import check_external_data, verify_file
-from .manifest import PRECISIONS, Manifest
+from .errors import InputTooLongError, InvalidOutputError
 from .progress import Progress
-from .providers import create_session, resolve_device, usable_cores
-from .tokenizer import Encoded, TextTokenizer
+from .session import _AUTO_ORDER, ModelSession, check_texts
 
-_AUTO_ORDER = {"cuda": ("fp16", "fp32", "int8"), "cpu": ("int8", "fp32", "fp16")}
+__all__ = ["Embedder", "RowPlan", "TruncationWarning", "_AUTO_ORDER"]
 _NORM_TOLERANCE = 1e-3
-# Per device: texts per batch, padded tokens per batch, and the multiple the padded length is rounded up
-# to. On CPU the cost is linear in tokens, so batches stay moderate and padding minimal. A GPU wants wide
-# batches to fill its cores, and lengths on a multiple of 8 (tensor-core tiles; fewer distinct shapes for
-# the CUDA memory arena and kernel selection).
-_BATCHING = {"cpu": (32, 16384, 1), "cuda": (128, 65536, 8)}
-_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class TruncationWarning(UserWarning):
@@ -58,7 +44,7 @@ class RowPlan:
     token_counts: list[int]
 
 
-class Embedder:
+class Embedder(ModelSession):
     """Loads an artifact directory written by ``python -m export`` and embeds text with onnxruntime.
 
     One instance may be shared by threads: the tokenizer is never mutated after construction and
@@ -69,148 +55,6 @@ class Embedder:
     gets more of a multi-core CPU than one run on every core (``benchmarks/layout.py``), and ``embed`` then
     runs its batches K at a time.
     """
-
-    def __init__(
-        self,
-        path: str | Path,
-        device: str = "auto",
-        precision: str = "auto",
-        threads: int | None = None,
-        device_id: int = 0,
-        max_batch_tokens: int | None = None,
-        spinning: bool = True,
-        workers: int = 1,
-    ) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-        self._root = Path(path)
-        self._manifest = Manifest.load(self._root)
-        self._device = resolve_device(device)
-        self._precision = self._pick_precision(precision)
-        self._default_batch_size, default_tokens, self._pad_multiple = _BATCHING[self._device]
-        if max_batch_tokens is None:
-            max_batch_tokens = default_tokens
-        if max_batch_tokens < self._manifest.max_length:
-            raise ValueError(
-                f"max_batch_tokens ({max_batch_tokens}) must be at least max_length "
-                f"({self._manifest.max_length}) so that one full-length text fits"
-            )
-        self._max_batch_tokens = max_batch_tokens
-        variant = self._manifest.variants[self._precision]
-        if self._precision == "fp16" and self._device == "cpu":
-            warnings.warn(
-                "running the fp16 variant on CPU: it is correct but slow (onnxruntime has few fp16 CPU "
-                "kernels); use precision='int8' or 'fp32' on CPU",
-                stacklevel=2,
-            )
-        files = [verify_file(self._root, f) for f in variant.files]
-        model_path = self._root / variant.model_file
-        if len(files) > 1:
-            check_external_data(self._root, model_path, {Path(f.path).as_posix() for f in variant.files})
-        tok_path = verify_file(self._root, self._manifest.tokenizer)
-        self._tokenizer = TextTokenizer(tok_path, self._manifest.max_length)
-        if threads is None and workers > 1 and self._device == "cpu":
-            threads = max(1, usable_cores() // workers)
-        self._workers = workers
-        self._threads = threads
-        self._session = create_session(model_path, self._device, threads, device_id, spinning=spinning)
-        self._input_names = [i.name for i in self._session.get_inputs()]
-        unknown = set(self._input_names) - {"input_ids", "attention_mask", "token_type_ids"}
-        if unknown:
-            raise ArtifactError(f"graph {variant.model_file} wants inputs {sorted(unknown)} this runtime cannot feed")
-        self._output_name = self._manifest.output_name
-        outputs = {o.name: o for o in self._session.get_outputs()}
-        if self._output_name not in outputs:
-            raise ArtifactError(
-                f"graph {variant.model_file} has no output {self._output_name!r} (it has {sorted(outputs)}); "
-                "the manifest and graph disagree: re-export the artifact"
-            )
-        self._output_dtype = _ORT_TO_NUMPY.get(outputs[self._output_name].type)
-        if self._output_dtype is None:
-            raise ArtifactError(f"output {self._output_name!r} has type {outputs[self._output_name].type}, not float")
-        # On CPU at most `workers` runs are in flight: more concurrent runs than that only fight over the
-        # same cores (measured: 16 callers of a one-run Embedder got half the throughput of one). Callers
-        # queue here while tokenisation and batching still run in parallel. On CUDA, runs may overlap.
-        self._run_slots: threading.Semaphore | contextlib.nullcontext = (
-            threading.BoundedSemaphore(workers) if self._device == "cpu" else contextlib.nullcontext()
-        )
-        self._batch_pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
-
-    # -- choosing what to load ---------------------------------------------------------------
-    def _pick_precision(self, precision: str) -> str:
-        available = self._manifest.variants
-        if precision == "auto":
-            for p in _AUTO_ORDER[self._device]:
-                if p in available:
-                    return p
-        if precision not in PRECISIONS and precision != "auto":
-            raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
-        if precision not in available:
-            raise ArtifactError(
-                f"the artifact has no {precision} variant (it has {sorted(available)}); re-export with "
-                f"`python -m export --precision {precision}` or pick one of those"
-            )
-        return precision
-
-    # -- properties ------------------------------------------------------------------------
-    @property
-    def manifest(self) -> Manifest:
-        return self._manifest
-
-    @property
-    def dim(self) -> int:
-        return self._manifest.dimension
-
-    @property
-    def max_length(self) -> int:
-        return self._manifest.max_length
-
-    @property
-    def precision(self) -> str:
-        return self._precision
-
-    @property
-    def device(self) -> str:
-        return self._device
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids the tokenizer (and so the embedding table) knows: valid ids are below it."""
-        return self._tokenizer.vocab_size
-
-    @property
-    def batch_limits(self) -> tuple[int, int, int]:
-        """(default texts per batch, padded tokens per batch, pad multiple) that ``embed`` batches by; the
-        server forms its cross-request batches by the same numbers."""
-        return self._default_batch_size, self._max_batch_tokens, self._pad_multiple
-
-    @property
-    def workers(self) -> int:
-        """Graph runs that may be in flight at once on CPU (the server runs this many inference threads)."""
-        return self._workers
-
-    @property
-    def threads(self) -> int | None:
-        """Intra-op threads each run uses (None: onnxruntime's default, one per core)."""
-        return self._threads
-
-    @property
-    def special_ids(self) -> tuple[list[int], list[int]]:
-        """The special ids the tokenizer puts before and after every text ([CLS] and [SEP] for BERT): a
-        token-id input that does not start and end with them was not made by this model's tokenizer."""
-        return list(self._tokenizer.prefix), list(self._tokenizer.suffix)
-
-    @property
-    def max_text_chars(self) -> int:
-        """Characters of a text that truncation ever looks at: past them a text is cut before tokenising
-        (``max_length`` x 256; see ``TextTokenizer.encode``)."""
-        return self._tokenizer.max_chars
-
-    @property
-    def providers(self) -> list[str]:
-        """What the onnxruntime session really got, in priority order."""
-        return list(self._session.get_providers())
 
     # -- embedding -------------------------------------------------------------------------
     def embed(
@@ -276,7 +120,7 @@ class Embedder:
         return result
 
     def _check_call(self, texts: Sequence[str], batch_size: int | None) -> int:
-        _check_texts(texts)
+        check_texts(texts)
         if batch_size is None:
             batch_size = self._default_batch_size
         if batch_size < 1:
@@ -349,65 +193,12 @@ class Embedder:
                 progress.close()
         return out
 
-    def _run_batches(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, np.ndarray]]:
-        """Each batch with its vectors, in order. With ``workers`` > 1 (CPU), up to ``workers`` batches run at
-        once from a thread pool, and at most one more is padded ahead (memory stays a few batches)."""
-        if self._workers == 1 or self._device != "cpu":
-            for batch in batches:
-                yield batch, self._run(batch.input_ids, batch.attention_mask)
-            return
-        pool = self._pool()
-        window: deque[tuple[Batch, Future]] = deque()
-        for batch in batches:
-            window.append((batch, pool.submit(self._run, batch.input_ids, batch.attention_mask)))
-            if len(window) > self._workers:
-                done, future = window.popleft()
-                yield done, future.result()
-        while window:
-            done, future = window.popleft()
-            yield done, future.result()
-
-    def _pool(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._batch_pool is None:
-                self._batch_pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embed-run")
-            return self._batch_pool
-
     def embed_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Embed one pre-tokenised, padded batch (int64 ``[n, length]`` ids and 0/1 mask), as one run.
 
         For callers that tokenise themselves (or benchmark the graph alone); no batching, sorting or
         truncation happens here, so the caller owns ``length <= max_length`` and the padding."""
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape != mask.shape:
-            raise ValueError(f"input_ids and attention_mask must be 2-D and the same shape, got {ids.shape} and {mask.shape}")
-        if ids.shape[1] > self.max_length:
-            raise InputTooLongError(0, int(ids.shape[1]), self.max_length)
-        if ids.shape[0] == 0:
-            return np.empty((0, self.dim), np.float32)
-        vectors = self._run(ids, mask)
-        self._check_output(vectors, np.arange(len(ids)))
-        return vectors
-
-    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """One graph run with IO binding: inputs are copied to the device once, and the output is written
-        straight into a host array we own (no second host copy, no output allocation by onnxruntime)."""
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if "token_type_ids" in self._input_names:
-            feed["token_type_ids"] = np.zeros_like(input_ids)
-        out = np.empty((input_ids.shape[0], self.dim), dtype=self._output_dtype)
-        binding = self._session.io_binding()
-        for name in self._input_names:
-            binding.bind_cpu_input(name, feed[name])
-        binding.bind_output(self._output_name, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
-        with self._run_slots:
-            self._session.run_with_iobinding(binding)
-        return out if out.dtype == np.float32 else out.astype(np.float32)
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` with special tokens and without truncation (to report how long it was)."""
-        return self._tokenizer.count_tokens(text)
+        return self.run_tokens(input_ids, attention_mask)
 
     def embed_queries(
         self,
@@ -421,36 +212,15 @@ class Embedder:
     ) -> np.ndarray:
         """Embed search queries: the manifest's query instruction is prepended to each text; the other
         arguments are ``embed``'s."""
-        _check_texts(texts)
+        check_texts(texts)
         prefix = self._manifest.query_instruction
         return self.embed(
             [prefix + t for t in texts], batch_size=batch_size, truncate=truncate, long_text=long_text,
             overlap=overlap, show_progress=show_progress,
         )
 
-    def tokenize(self, texts: Sequence[str]) -> Encoded:
-        """Token ids (special tokens included, cut to ``max_length``) of each text as ``embed`` feeds them,
-        and which texts were cut; for callers that batch themselves (the server). Thread-safe."""
-        _check_texts(texts)
-        texts = list(texts)
-        try:
-            return self._tokenizer.encode(texts)
-        except (UnicodeError, TypeError):  # tokenizers rejects unencodable str with a TypeError
-            for i, t in enumerate(texts):
-                try:
-                    t.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    raise ValueError(
-                        f"input {i} is not valid Unicode text ({exc.reason} at position {exc.start}, e.g. a "
-                        "lone surrogate); clean it first, e.g. text.encode('utf-8', 'replace').decode()"
-                    ) from exc
-            raise
-
     def _check_output(self, vectors: np.ndarray, indices: np.ndarray) -> None:
-        finite = np.isfinite(vectors).all(axis=1)
-        if not finite.all():
-            bad = int(np.flatnonzero(~finite)[0])
-            raise InvalidOutputError(int(indices[bad]), "NaN or inf in the vector", self._precision)
+        super()._check_output(vectors, indices)
         if self._manifest.normalize:
             norms = np.linalg.norm(vectors, axis=1)
             off = np.abs(norms - 1.0) > _NORM_TOLERANCE
@@ -463,16 +233,6 @@ class Embedder:
             f"Embedder({str(self._root)!r}, device={self._device!r}, precision={self._precision!r}, "
             f"dim={self.dim}, providers={self.providers})"
         )
-
-
-def _check_texts(texts: object) -> None:
-    if isinstance(texts, str):
-        raise TypeError("texts must be a list or tuple of str, got a single str; wrap it: embed([text])")
-    if not isinstance(texts, (list, tuple)):
-        raise TypeError(f"texts must be a list or tuple of str, got {type(texts).__name__}")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}, not str; convert or drop it before embedding")
 
 
 def _resolve_long_text(truncate: bool | None, long_text: str | None) -> str:

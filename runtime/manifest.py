@@ -17,6 +17,8 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 POOLINGS = ("cls", "mean")
+KINDS = ("embedder", "reranker")
+TRUNCATIONS = ("only_second",)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class Parity:
     note: str = ""
     # with --validate-with: Spearman on the labelled pairs, the reference's, their ratio and the gate
     quality: Mapping[str, Any] = field(default_factory=dict)
+    # rerankers: agreement of the ranking of each probe query's passages with the reference's (Kendall tau,
+    # top-k overlap), the sigmoid score error and the gates (cosine does not apply to a scalar score)
+    ranking: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,22 @@ class Source:
 
 
 @dataclass(frozen=True)
+class PairFormat:
+    """How a cross-encoder (``kind == "reranker"``) reads a (query, passage) pair, as FlagEmbedding's
+    FlagReranker tokenises it: the query's own tokens are cut to ``query_max_length``, then the pair is
+    wrapped by the tokenizer's pair template (BERT: ``[CLS] q [SEP] p [SEP]``; XLM-R: ``<s> q </s></s> p
+    </s>``) and only the passage is cut to fit ``max_length`` (``truncation``). ``token_type_ids``: the graph
+    reads segment ids (BERT: 0 up to the first separator, 1 after). The graph's output is the raw relevance
+    logit; ``activation`` is what ``normalize=True`` applies (FlagReranker's ``compute_score(...,
+    normalize=True)``)."""
+
+    query_max_length: int
+    truncation: str = "only_second"
+    token_type_ids: bool = False
+    activation: str = "sigmoid"
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     source: Source
@@ -89,6 +110,11 @@ class Manifest:
     variants: Mapping[str, Variant]
     versions: Mapping[str, str] = field(default_factory=dict)
     created_at: str = ""
+    # "embedder": the output is the pooled (normalised) vector; "reranker": the output is one relevance
+    # logit per (query, passage) pair, read as ``pair`` says. Manifests written before rerankers existed
+    # have no kind and are embedders.
+    kind: str = "embedder"
+    pair: PairFormat | None = None
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +122,8 @@ class Manifest:
         d["input_names"] = list(self.input_names)
         for v in d["variants"].values():
             v["files"] = list(v["files"])
+        if d["pair"] is None:
+            del d["pair"]
         return d
 
     def to_json(self) -> str:
@@ -138,6 +166,8 @@ class Manifest:
                 variants=variants,
                 versions=dict(d.get("versions", {})),
                 created_at=d.get("created_at", ""),
+                kind=d.get("kind", "embedder"),
+                pair=_pair(d.get("pair")),
             )
         except (KeyError, TypeError) as exc:
             raise ArtifactError(
@@ -148,6 +178,15 @@ class Manifest:
 
     def check(self) -> None:
         """Reject values the runtime cannot honour, so a bad manifest fails at load, not mid-run."""
+        if self.kind not in KINDS:
+            raise ArtifactError(f"manifest kind {self.kind!r} is not one of {KINDS}; upgrade the runtime or re-export")
+        if self.kind == "reranker":
+            if self.pair is None:
+                raise ArtifactError("manifest of a reranker has no 'pair' format; re-export the artifact")
+            if self.pair.truncation not in TRUNCATIONS or self.pair.activation != "sigmoid":
+                raise ArtifactError(f"manifest pair format {self.pair} is not supported by this runtime")
+            if not 1 <= self.pair.query_max_length < self.max_length:
+                raise ArtifactError("manifest pair query_max_length must be between 1 and max_length - 1")
         if self.pooling not in POOLINGS:
             raise ArtifactError(f"manifest pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.max_length < 2 or self.dimension < 1:
@@ -157,6 +196,10 @@ class Manifest:
                 raise ArtifactError(f"manifest variant {name!r} is not one of {PRECISIONS}")
         if not self.variants:
             raise ArtifactError("manifest lists no variants: the export wrote none that passed its gate")
+
+    @property
+    def is_reranker(self) -> bool:
+        return self.kind == "reranker"
 
     @classmethod
     def load(cls, directory: str | Path) -> "Manifest":
@@ -173,3 +216,9 @@ class Manifest:
         if not isinstance(data, dict):
             raise ArtifactError(f"{path} is not a JSON object; re-export the artifact")
         return cls.from_dict(data)
+
+
+def _pair(d: Mapping[str, Any] | None) -> PairFormat | None:
+    if d is None:
+        return None
+    return PairFormat(**d)

@@ -89,13 +89,15 @@ class TextTokenizer:
         truncated = [i for i, e in enumerate(encodings) if e.overflowing or i in cut]
         return Encoded(ids=ids, truncated=truncated)
 
-    def _cut(self, text: str, cut: int) -> str:
+    def _cut(self, text: str, cut: int, budget: int | None = None) -> str:
         """The shortest prefix of ``text`` (on the growing cuts) whose complete words already give more
-        content tokens than fit in ``max_length``; ``text[:max_chars]`` if none does."""
-        budget = self.max_length - len(self.prefix) - len(self.suffix)
+        content tokens than ``budget`` (default: what fits in ``max_length``); ``text[:max_chars]`` if none does."""
+        limit = self.max_chars if budget is None else max(budget, 1) * MAX_CHARS_PER_TOKEN
+        if budget is None:
+            budget = self.max_length - len(self.prefix) - len(self.suffix)
         while cut < len(text):
-            if cut >= self.max_chars:
-                return text[: self.max_chars]
+            if cut >= limit:
+                return text[:limit]
             piece = text[:cut]
             # encode_batch releases the GIL (encode does not): other threads keep running meanwhile
             words = self._full.encode_batch([piece], add_special_tokens=False)[0].word_ids
@@ -105,6 +107,25 @@ class TextTokenizer:
                 return piece
             cut *= _CUT_GROWTH
         return text
+
+    def encode_capped(self, texts: list[str], max_tokens: int) -> tuple[list[Encoding], list[bool]]:
+        """Encodings without special tokens of each text's first ``max_tokens`` tokens (exactly the whole
+        text's first tokens; long texts are cut first as in ``encode``), and whether each text had more. The
+        two sides of a cross-encoder's pair are made of these."""
+        pieces, cut = list(texts), [False] * len(texts)
+        first_cut = max_tokens * _FIRST_CUT_CHARS_PER_TOKEN
+        for i, t in enumerate(texts):
+            if len(t) > first_cut:
+                piece = self._cut(t, first_cut, budget=max_tokens)
+                if len(piece) < len(t):
+                    pieces[i], cut[i] = piece, True
+        encodings = self._full.encode_batch(pieces, add_special_tokens=False)
+        more = []
+        for i, e in enumerate(encodings):
+            more.append(cut[i] or len(e.ids) > max_tokens)
+            if len(e.ids) > max_tokens:
+                e.truncate(max_tokens)
+        return encodings, more
 
     def encode_content(self, texts: list[str]) -> list[Encoding]:
         """Untruncated encodings without special tokens (ids, character offsets, word ids): the material

@@ -76,3 +76,52 @@ def artifact_copy(tiny_artifact, tmp_path) -> Path:
     dst = tmp_path / "copy"
     shutil.copytree(tiny_artifact, dst)
     return dst
+
+
+# -- cross-encoders (rerankers) ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def xlmr_reranker_checkpoint(tmp_path_factory) -> Path:
+    from export.architectures import materialise
+
+    return materialise("tiny-xlmr-reranker", tmp_path_factory.mktemp("ckpt") / "tiny-xlmr-reranker", seed=3)
+
+
+@pytest.fixture(scope="session")
+def bert_reranker_checkpoint(tmp_path_factory) -> Path:
+    from export.architectures import materialise
+
+    return materialise("tiny-zh-reranker", tmp_path_factory.mktemp("ckpt") / "tiny-zh-reranker", seed=4)
+
+
+@pytest.fixture(scope="session")
+def xlmr_reranker(xlmr_reranker_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "xlmr-reranker"
+    _export(["--model", str(xlmr_reranker_checkpoint), "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def bert_reranker(bert_reranker_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "bert-reranker"
+    _export(["--model", str(bert_reranker_checkpoint), "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_cross_encoder(tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 fine-tuned as a cross-encoder on STS-B en odd rows (about a minute): real weights."""
+    from benchmarks.cross_encoder import finetune
+
+    return finetune(tmp_path_factory.mktemp("ckpt") / "minilm-cross-encoder")
+
+
+@pytest.fixture(scope="session")
+def trained_reranker(trained_cross_encoder, tmp_path_factory) -> Path:
+    """Its artifact, every variant gated on the held-out STS-B en rows (ranking gate for INT8)."""
+    from benchmarks.cross_encoder import stsb_split, write_tsv
+
+    root = tmp_path_factory.mktemp("art")
+    held_out = write_tsv(stsb_split().held_out, root / "sts-b-en-held-out.tsv")
+    out = root / "minilm-reranker"
+    _export(["--model", str(trained_cross_encoder), "--out", str(out), "--validate-with", str(held_out)])
+    return out

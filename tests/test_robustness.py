@@ -72,8 +72,8 @@ def _poison(emb: Embedder, row: int, value: float) -> None:
     """Make the embedder's graph runs return one poisoned row (the runs themselves are real)."""
     real = emb._run
 
-    def run(input_ids, attention_mask):
-        out = real(input_ids, attention_mask)
+    def run(input_ids, attention_mask, token_type_ids=None):
+        out = real(input_ids, attention_mask, token_type_ids)
         out[row] = value
         return out
 

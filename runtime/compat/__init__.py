@@ -1,6 +1,7 @@
 """Drop-ins for code written against other libraries: change one import, keep the calls.
 
-- ``FlagModel`` (FlagEmbedding's, the BGE model card's own library): ``runtime.compat.flagembedding``.
+- ``FlagModel`` and ``FlagReranker`` (FlagEmbedding's, the BGE model cards' own library):
+  ``runtime.compat.flagembedding``.
 - ``BGEOnnxEmbeddings`` (a LangChain ``Embeddings``): ``runtime.compat.langchain``, extra ``langchain``.
 - ``BGEOnnxEmbedding`` (a LlamaIndex ``BaseEmbedding``): ``runtime.compat.llamaindex``, extra ``llamaindex``.
 
@@ -11,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .flagembedding import FlagModel
+from .flagembedding import FlagModel, FlagReranker
 
 _LAZY = {"BGEOnnxEmbeddings": ".langchain", "BGEOnnxEmbedding": ".llamaindex"}
 
-__all__ = ["BGEOnnxEmbedding", "BGEOnnxEmbeddings", "FlagModel"]
+__all__ = ["BGEOnnxEmbedding", "BGEOnnxEmbeddings", "FlagModel", "FlagReranker"]
 
 
 def __getattr__(name: str) -> Any:

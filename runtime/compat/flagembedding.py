@@ -181,3 +181,94 @@ def _device(devices: str | int | list[str] | list[int] | None) -> tuple[str, int
     if name not in ("cpu", "cuda"):
         raise ValueError(f"devices={devices!r}: this runtime runs on 'cpu' or 'cuda[:N]' only")
     return name, int(index or 0)
+
+
+class FlagReranker:
+    """FlagEmbedding's ``FlagReranker`` over the ONNX runtime: ``from runtime.compat import FlagReranker``, an
+    artifact directory of a cross-encoder in place of the hub id, the same calls. Behaviour follows
+    FlagEmbedding 1.x (``inference/reranker/encoder_only/base.py``): ``compute_score(pairs)`` takes a list of
+    (query, passage) pairs or one pair and returns a list of floats (raw logits; their sigmoid with
+    ``normalize=True``); the query is cut to ``query_max_length`` (default 3/4 of ``max_length``), then the
+    passage so the pair fits ``max_length`` (default 512, capped by the artifact's); optional query and passage
+    instructions are put in front by their formats. FP32 on CPU (as FlagEmbedding), FP16 on CUDA with
+    ``use_fp16``, or the variant ``precision=`` names (``"int8"``: faster on CPU, ranking-gated at export)."""
+
+    def __init__(
+        self,
+        model_name_or_path: str | Path,
+        use_fp16: bool = False,
+        query_instruction_for_rerank: str | None = None,
+        query_instruction_format: str = "{}{}",
+        passage_instruction_for_rerank: str | None = None,
+        passage_instruction_format: str = "{}{}",
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+        devices: str | int | list[str] | list[int] | None = None,
+        batch_size: int = 128,
+        query_max_length: int | None = None,
+        max_length: int = 512,
+        normalize: bool = False,
+        precision: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from ..reranker import Reranker
+
+        manifest = Manifest.load(Path(model_name_or_path))
+        device, device_id = _device(devices)
+        if precision is None:
+            on_cuda = resolve_device(device) == "cuda"
+            precision = "fp16" if on_cuda and use_fp16 and "fp16" in manifest.variants else "fp32"
+        self.model = Reranker(model_name_or_path, device=device, precision=precision, device_id=device_id)
+        self.model_name_or_path = str(model_name_or_path)
+        self.use_fp16 = use_fp16
+        self.query_instruction_for_rerank = query_instruction_for_rerank
+        self.query_instruction_format = query_instruction_format.replace("\\n", "\n")
+        self.passage_instruction_for_rerank = passage_instruction_for_rerank
+        self.passage_instruction_format = passage_instruction_format.replace("\\n", "\n")
+        self.batch_size = batch_size
+        self.query_max_length = query_max_length
+        self.max_length = max_length
+        self.normalize = normalize
+        self._tokenizers: dict[tuple[int, int], Any] = {}
+
+    def _pair_tokenizer(self, max_length: int, query_max_length: int):
+        from ..pairs import PairTokenizer
+
+        key = (max_length, query_max_length)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = PairTokenizer(self.model._tokenizer_path, max_length, query_max_length,
+                                                  self.model.pair_format.truncation)
+        return self._tokenizers[key]
+
+    def compute_score(
+        self,
+        sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str],
+        batch_size: int | None = None,
+        query_max_length: int | None = None,
+        max_length: int | None = None,
+        normalize: bool | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        if isinstance(sentence_pairs, (list, tuple)) and sentence_pairs and isinstance(sentence_pairs[0], str):
+            sentence_pairs = [sentence_pairs]  # type: ignore[list-item]
+        pairs = [(self._instruct(self.query_instruction_format, self.query_instruction_for_rerank, q),
+                  self._instruct(self.passage_instruction_format, self.passage_instruction_for_rerank, p))
+                 for q, p in sentence_pairs]  # type: ignore[misc]
+        if not pairs:
+            return []
+        max_length = min(max_length or self.max_length, self.model.max_length)
+        if query_max_length is None:
+            query_max_length = self.query_max_length if self.query_max_length is not None else max_length * 3 // 4
+        query_max_length = min(query_max_length, max_length - 4)
+        if (max_length, query_max_length) == (self.model.max_length, self.model.query_max_length):
+            enc = self.model.tokenize_pairs(pairs)
+        else:
+            enc = self._pair_tokenizer(max_length, query_max_length).encode(pairs)
+        logits = self.model.score_rows(enc, batch_size or self.batch_size)
+        normalize = self.normalize if normalize is None else normalize
+        scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) if normalize else logits.astype(np.float64)
+        return [float(s) for s in scores]
+
+    @staticmethod
+    def _instruct(fmt: str, instruction: str | None, text: str) -> str:
+        return text if instruction is None else fmt.format(instruction, text)

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -26,14 +26,16 @@ from .. import __version__
 from ..chunking import pool_windows
 from ..embedder import Embedder, RowPlan
 from ..errors import EmbedderError, InputTooLongError
-from ..manifest import MANIFEST_NAME
+from ..manifest import MANIFEST_NAME, Manifest
+from ..pairs import PairEncoded
+from ..reranker import Reranker
 from ..providers import resolve_device
 from .cache import VectorCache
 from .config import ServeConfig
 from .engine import Job, ModelWorker
 from .errors import ApiError, QueueFull, bad_request, too_large
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .protocol import EmbedRequest, parse_openai, parse_tei
+from .protocol import EmbedRequest, RerankRequest, parse_cohere_rerank, parse_openai, parse_tei, parse_tei_rerank
 from .tokenize import Tokenization
 
 log = logging.getLogger("runtime.serve")
@@ -107,8 +109,10 @@ class EmbeddingService:
             for i, spec in enumerate(cfg.models):
                 self.state.detail = f"loading model {spec.name!r} ({i + 1} of {len(cfg.models)})"
                 workers, threads = cfg.layout(resolve_device(cfg.device))
-                emb = Embedder(spec.path, device=cfg.device, precision=cfg.precision, threads=threads,
-                               max_batch_tokens=cfg.max_batch_tokens, spinning=cfg.spinning, workers=workers)
+                kind = Manifest.load(spec.path).kind
+                model_class = Reranker if kind == "reranker" else Embedder
+                emb = model_class(spec.path, device=cfg.device, precision=cfg.precision, threads=threads,
+                                  max_batch_tokens=cfg.max_batch_tokens, spinning=cfg.spinning, workers=workers)
                 worker = ModelWorker(spec.name, emb, self.cache, self.metrics, max_batch_size=cfg.batch_size,
                                      max_queue_time=cfg.queue_time_budget, max_queue_tokens=cfg.max_queue_tokens)
                 self.state.detail = f"warming up model {spec.name!r}"
@@ -117,8 +121,8 @@ class EmbeddingService:
                 worker.start()
                 self.digests[spec.name] = hashlib.sha256((spec.path / MANIFEST_NAME).read_bytes()).hexdigest()
                 self.workers[spec.name] = worker
-                log.info("model %r ready: %s, %s on %s, %d worker(s) x %s thread(s), dim %d, max length %d, "
-                         "warm-up %.2f s, one text of 32 tokens %.1f ms, 32 of 32 %.1f ms", spec.name, spec.path,
+                log.info("%s %r ready: %s, %s on %s, %d worker(s) x %s thread(s), dim %d, max length %d, "
+                         "warm-up %.2f s, one text of 32 tokens %.1f ms, 32 of 32 %.1f ms", kind, spec.name, spec.path,
                          emb.precision, emb.providers[0], workers, threads or "auto", emb.dim, emb.max_length, time.perf_counter() - t0, worker.cost.predict(1, 32) * 1e3,
                          worker.cost.predict(32, 32) * 1e3)
         except (EmbedderError, OSError, ValueError) as exc:
@@ -155,13 +159,29 @@ class EmbeddingService:
             raise ApiError(503, f"server is {phase} ({self.state.detail}); retry shortly or use another replica",
                            type="service_unavailable", code=phase, headers={"Retry-After": "1"})
 
-    def worker_for(self, model: str | None) -> ModelWorker:
-        name = model or self.default_model
+    def worker_for(self, model: str | None, kind: str = "embedder") -> ModelWorker:
+        """The worker of ``model`` (default: the first model of ``kind`` on the command line), which must be
+        of ``kind``: an embedder asked to rerank, or a reranker asked to embed, is a 400 naming the right ones."""
+        if model is None:
+            name = next((n for n, w in self.workers.items() if w.embedder.manifest.kind == kind), None)
+            if name is None:
+                raise ApiError(400, f"no {kind} is served here (served: {self._kinds()}); start the server with "
+                               f"--model NAME=DIR for a {kind} artifact", param="model", code="model_not_found")
+        else:
+            name = model
         worker = self.workers.get(name)
         if worker is None:
             raise ApiError(404, f"model {name!r} is not served here; served models: {sorted(self.workers)}",
                            param="model", code="model_not_found")
+        got = worker.embedder.manifest.kind
+        if got != kind:
+            verb = {"embedder": "embed text (/v1/embeddings, /embed)", "reranker": "rerank (/rerank, /v1/rerank)"}
+            raise ApiError(400, f"model {name!r} is a {got}: it cannot {verb[kind].split(' (')[0]}. Use it to "
+                           f"{verb[got]}; models served: {self._kinds()}", param="model", code="wrong_model_kind")
         return worker
+
+    def _kinds(self) -> dict[str, str]:
+        return {n: w.embedder.manifest.kind for n, w in self.workers.items()}
 
     async def read_json(self, request: Request) -> Any:
         content_type = request.headers.get("content-type", "")
@@ -200,7 +220,7 @@ class EmbeddingService:
         """Tokenise, check, answer from the cache what it holds, queue the rest and wait for it.
         Returns the worker, the vectors, the token count and the timing headers."""
         worker = self.worker_for(req.model)
-        emb = worker.embedder
+        emb = cast(Embedder, worker.embedder)  # worker_for checked the kind
         if req.dimensions is not None and req.dimensions != emb.dim:
             raise bad_request(f"'dimensions' {req.dimensions} is not supported: model {worker.name!r} gives "
                               f"{emb.dim}-dimensional vectors and is not trained for truncated ones; omit "
@@ -272,6 +292,74 @@ class EmbeddingService:
         }
         headers["x-windows"] = str(len(ids))
         return worker, vectors, n_tokens, headers
+
+    # -- reranking ---------------------------------------------------------------------------
+    async def rerank(self, request: Request, req: RerankRequest, arrived: float) -> tuple[ModelWorker, np.ndarray, int, dict]:
+        """Tokenise the pairs, answer from the cache what it holds, queue the rest with the model's other work
+        (pairs batch across requests like texts) and wait. Returns the worker, the logits in passage order, the
+        token count and the timing headers."""
+        worker = self.worker_for(req.model, "reranker")
+        rr = cast(Reranker, worker.embedder)  # worker_for checked the kind
+        t_tok = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        cap = rr.max_length * 8  # characters a side can reach the model with (the tokenizer cuts the rest first)
+        chars = min(len(req.query), cap) * len(req.texts) + sum(min(len(t), cap) for t in req.texts)
+        try:
+            enc = await self.tokenization.run(chars, self._pairs, rr, req)
+        except QueueFull as full:
+            self.metrics.shed_requests.labels(worker.name).inc()
+            raise _queue_full(worker.name, full) from None
+        tokenize_s = time.perf_counter() - t_tok
+        self.metrics.tokenize_seconds.labels(worker.name).observe(tokenize_s)
+        n_tokens = int(enc.lengths.sum())
+        if n_tokens > self.config.max_request_tokens:
+            raise too_large(f"the pairs of '{req.param}' have {n_tokens} tokens in all, more than this server's limit "
+                            f"of {self.config.max_request_tokens} per request (--max-request-tokens); split it",
+                            req.param, "too_many_tokens")
+        digest = self.digests[worker.name]
+        types = rr.reads_token_types
+        keys: list[Hashable] = [(digest, np.asarray(row, dtype=np.int32).tobytes(), seg if types else 0)
+                                for row, seg in zip(enc.ids, enc.segment_start)]
+        job = Job(n=len(enc.ids), dim=1, deadline=arrived + self.config.request_timeout, loop=loop,
+                  future=loop.create_future())
+        rows, segments, hits = [], [], 0
+        use_cache = self.cache.capacity > 0
+        for i, (row, key) in enumerate(zip(enc.ids, keys)):
+            hit = self.cache.get(key) if use_cache else None
+            if hit is not None:
+                job.vectors[i] = hit
+                hits += 1
+            else:
+                rows.append((i, row, key if use_cache else None))
+                segments.append(enc.segment_start[i])
+        if use_cache:
+            self.metrics.cache_hits.labels(worker.name).inc(hits)
+            self.metrics.cache_misses.labels(worker.name).inc(len(rows))
+        if rows:
+            try:
+                worker.submit(job, rows, segments if types else None)
+            except QueueFull as full:
+                raise _queue_full(worker.name, full) from None
+            await self._wait(request, job, arrived)
+        self.metrics.prompt_tokens.labels(worker.name).inc(n_tokens)
+        headers = {
+            "x-tokenization-time": f"{tokenize_s * 1000:.3f}",
+            "x-queue-time": f"{job.queue_time * 1000:.3f}",
+            "x-inference-time": f"{job.inference_time * 1000:.3f}",
+            "x-cache-hits": str(hits),
+            "x-truncated-pairs": str(len(enc.truncated)),
+        }
+        return worker, job.vectors[:, 0].copy(), n_tokens, headers
+
+    def _pairs(self, rr: Reranker, req: RerankRequest) -> PairEncoded:
+        try:
+            return rr.tokenize_pairs([(req.query, t) for t in req.texts], truncate=req.truncate)
+        except InputTooLongError as exc:
+            raise bad_request(f"'{req.param}[{exc.index}]' with the query has {exc.n_tokens} tokens, more than the "
+                              f"model's max length of {rr.max_length}; shorten it, or send \"truncate\": true to cut "
+                              "the passage to fit", req.param, "input_too_long") from exc
+        except (TypeError, ValueError) as exc:
+            raise bad_request(f"'{req.param}': {exc}", req.param, "invalid_text") from exc
 
     async def _wait(self, request: Request, job: Job, arrived: float) -> None:
         """Wait for the job until its deadline; if the client leaves or the deadline passes first, mark the
@@ -358,9 +446,9 @@ def _queue_full(name: str, full: QueueFull) -> ApiError:
                     headers={"Retry-After": str(full.retry_after_s)})
 
 
-def _model_card(name: str) -> dict:
-    """A model as OpenAI's ``/v1/models`` lists it."""
-    return {"id": name, "object": "model", "created": 0, "owned_by": "bge-onnx"}
+def _model_card(name: str, kind: str) -> dict:
+    """A model as OpenAI's ``/v1/models`` lists it, with its kind (embedder or reranker)."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "bge-onnx", "kind": kind}
 
 
 def _pool(plan: RowPlan, rows: np.ndarray, normalize: bool) -> np.ndarray:
@@ -379,6 +467,13 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _ranked(req: RerankRequest, logits: np.ndarray) -> list[tuple[int, float]]:
+    """(index, score) best first (ties: input order), the first ``top_n``; sigmoid unless raw scores."""
+    scores = logits.astype(np.float64) if req.raw_scores else 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    order = np.argsort(-scores, kind="stable")[: req.top_n]
+    return [(int(i), float(scores[i])) for i in order]
 
 
 def _openai_body(name: str, vectors: np.ndarray, n_tokens: int, encoding: str) -> dict:
@@ -446,6 +541,26 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
     # and langchain-huggingface post to the bare URL
     tei_embed, tei_root, tei_invocations = (route(p, embedding=True)(tei) for p in ("/embed", "/", "/invocations"))
 
+    async def tei_rerank(request: Request, arrived: float) -> Response:
+        req = parse_tei_rerank(await svc.read_json(request), config.max_inputs)
+        _, logits, _, headers = await svc.rerank(request, req, arrived)
+        body = [{"index": i, "score": s, **({"text": req.texts[i]} if req.return_text else {})}
+                for i, s in _ranked(req, logits)]
+        return json_response(body, 200, headers)
+
+    async def cohere_rerank(request: Request, arrived: float) -> Response:
+        req = parse_cohere_rerank(await svc.read_json(request), config.max_inputs)
+        worker, logits, n_tokens, headers = await svc.rerank(request, req, arrived)
+        results = [{"index": i, "relevance_score": s, **({"document": {"text": req.texts[i]}} if req.return_text else {})}
+                   for i, s in _ranked(req, logits)]
+        body = {"id": headers.get("x-request-id") or f"rerank-{time.time_ns():x}", "results": results,
+                "model": worker.name, "usage": {"total_tokens": n_tokens},
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
+        return json_response(body, 200, headers)
+
+    rerank_tei = route("/rerank", embedding=True)(tei_rerank)
+    rerank_v1, rerank_v2 = (route(p, embedding=True)(cohere_rerank) for p in ("/v1/rerank", "/v2/rerank"))
+
     @route("/health", open_route=True)
     async def health(request: Request, arrived: float) -> Response:
         if svc.state.phase != "ready":
@@ -455,7 +570,8 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
 
     @route("/v1/models")
     async def models(request: Request, arrived: float) -> Response:
-        return json_response({"object": "list", "data": [_model_card(name) for name in svc.workers]})
+        return json_response({"object": "list", "data": [_model_card(name, w.embedder.manifest.kind)
+                                                         for name, w in svc.workers.items()]})
 
     @route("/v1/models/{id}")
     async def model(request: Request, arrived: float) -> Response:
@@ -463,7 +579,7 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
         if name not in svc.workers:
             raise ApiError(404, f"model {name!r} is not served here; served models: {sorted(svc.workers)}",
                            param="model", code="model_not_found")
-        return json_response(_model_card(name))
+        return json_response(_model_card(name, svc.workers[name].embedder.manifest.kind))
 
     @route("/info")
     async def info(request: Request, arrived: float) -> Response:
@@ -471,7 +587,7 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
         for name, w in svc.workers.items():
             e, m = w.embedder, w.embedder.manifest
             out.append({
-                "name": name, "dimension": e.dim, "max_length": e.max_length, "precision": e.precision,
+                "name": name, "kind": m.kind, "dimension": e.dim, "max_length": e.max_length, "precision": e.precision,
                 "device": e.device, "provider": e.providers[0], "workers": e.workers, "threads": e.threads, "pooling": m.pooling, "normalize": m.normalize,
                 "query_instruction": m.query_instruction, "source_model": m.source.model,
                 "source_revision": m.source.revision, "random_weights": m.source.random_weights,
@@ -494,7 +610,8 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         msg = (f"no route {request.method} {request.url.path}; routes: POST /v1/embeddings, POST /embed (also POST "
-               "/ and /invocations), GET /v1/models[/ID], GET /info, GET /health, GET /metrics")
+               "/ and /invocations), POST /rerank (TEI), POST /v1/rerank and /v2/rerank (Cohere, Jina), "
+               "GET /v1/models[/ID], GET /info, GET /health, GET /metrics")
         return error_response(ApiError(exc.status_code, msg, code=code))
 
     async def server_error(request: Request, exc: Exception) -> Response:
@@ -517,6 +634,9 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
             Route("/embed", tei_embed, methods=["POST"]),
             Route("/", tei_root, methods=["POST"]),
             Route("/invocations", tei_invocations, methods=["POST"]),
+            Route("/rerank", rerank_tei, methods=["POST"]),
+            Route("/v1/rerank", rerank_v1, methods=["POST"]),
+            Route("/v2/rerank", rerank_v2, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", model, methods=["GET"]),

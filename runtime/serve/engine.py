@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..batching import pad_batch, plan_batches
-from ..embedder import Embedder
 from ..errors import EmbedderError
+from ..pairs import segment_ids
+from ..session import ModelSession
 from .cache import VectorCache
 from .cost import BatchCost
 from .errors import QueueFull
@@ -89,16 +90,18 @@ class Item:
     ids: list[int]
     key: Hashable | None  # cache key, None when the cache is off
     enqueued: float
+    segment: int = 0  # pairs read by a graph with token_type_ids: where segment 1 (the passage) starts
 
 
 class ModelWorker:
-    """Owns one ``Embedder`` and the ``embedder.workers`` threads that run it. Admission and queue depth live
-    here, one queue for all the threads."""
+    """Owns one model (an ``Embedder``, or a ``Reranker`` whose rows are pairs and whose output row is the
+    logit) and the ``model.workers`` threads that run it. Admission and queue depth live here, one queue for
+    all the threads."""
 
     def __init__(
         self,
         name: str,
-        embedder: Embedder,
+        embedder: ModelSession,
         cache: VectorCache,
         metrics: Metrics,
         *,
@@ -115,6 +118,7 @@ class ModelWorker:
         self._max_queue_tokens = max_queue_tokens
         self._pad_id = embedder.manifest.pad_token_id
         self._max_length = embedder.max_length
+        self._token_types = embedder.reads_token_types
         self._pending: list[Item] = []
         self._queued_tokens = 0
         self._queued_sq = 0  # sum of squared lengths of the queued texts (attention's share of the cost)
@@ -156,7 +160,7 @@ class ModelWorker:
             elapsed = float("inf")
             for _ in range(1 if n * length >= 1024 else 3):  # small shapes: the fastest of 3 (timer noise)
                 t0 = time.perf_counter()
-                self.embedder.embed_tokens(ids, mask)
+                self.embedder.run_tokens(ids, mask)
                 elapsed = min(elapsed, time.perf_counter() - t0)
             if i > 0:
                 samples.append((n, length, elapsed))
@@ -189,8 +193,10 @@ class ModelWorker:
                                          self._queued_sq + own_sq, self._max_batch_size)
         return (running + queued) / self._workers
 
-    def submit(self, job: Job, rows: list[tuple[int, list[int], Hashable | None]]) -> None:
-        """Queue ``rows`` (index in request, ids, cache key) of ``job``, or raise ``QueueFull`` when the work
+    def submit(self, job: Job, rows: list[tuple[int, list[int], Hashable | None]],
+               segments: list[int] | None = None) -> None:
+        """Queue ``rows`` (index in request, ids, cache key; for pairs read with token types, ``segments``
+        gives each row's passage start) of ``job``, or raise ``QueueFull`` when the work
         ahead of it (the running batch and the queue) would take longer than the budget. A request is
         admitted whole or not at all; with ``--max-queue-tokens`` the limit is on queued tokens instead, and
         a request always gets in when the queue is empty (the per-request token limit bounds it)."""
@@ -223,7 +229,10 @@ class ModelWorker:
             job.remaining = len(rows)
             if all(len(ids) <= LONG_TOKENS for _, ids, _ in rows):
                 self._queries.append(now)
-            self._pending.extend(Item(job, i, ids, key, now) for i, ids, key in rows)
+            if segments is None:
+                self._pending.extend(Item(job, i, ids, key, now) for i, ids, key in rows)
+            else:
+                self._pending.extend(Item(job, i, ids, key, now, seg) for (i, ids, key), seg in zip(rows, segments))
             self._queued_tokens += tokens
             self._queued_sq += sq
             self._m_queue_texts.set(len(self._pending))
@@ -318,10 +327,13 @@ class ModelWorker:
 
     def _run(self, k: int, batch: list[Item]) -> None:
         ids, mask = pad_batch([it.ids for it in batch], self._pad_id, self._pad_multiple, self._max_length)
+        types = None
+        if self._token_types:
+            types = segment_ids([len(it.ids) for it in batch], [it.segment or len(it.ids) for it in batch], ids.shape)
         start = time.monotonic()
         t0 = time.perf_counter()
         try:
-            vectors = self.embedder.embed_tokens(ids, mask)
+            vectors = self.embedder.run_tokens(ids, mask, types)
         except EmbedderError as exc:  # e.g. a non-finite vector: fail these requests, keep serving
             log.error("model %s: batch of %d failed: %s", self.name, len(batch), exc)
             for it in batch:

@@ -151,3 +151,93 @@ def parse_tei(body: Any, max_inputs: int) -> EmbedRequest:
     return EmbedRequest(model=_optional(body, "model", str, "a string"), texts=texts, token_ids=ids,
                         query=prompt_name == "query", long_text=_long_text(body, truncate, False), encoding="float",
                         dimensions=dimensions, normalize=True if normalize is None else normalize, param="inputs")
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """A query and the passages to score against it, however it was asked for (TEI or Cohere/Jina)."""
+
+    model: str | None
+    query: str
+    texts: list[str]
+    top_n: int | None
+    raw_scores: bool  # logits (True) or their sigmoid
+    return_text: bool
+    truncate: bool  # cut a pair past max length (passage side) or refuse it
+    param: str  # name of the passages field, for error messages
+
+
+def _passages(value: Any, param: str, max_inputs: int) -> list[str]:
+    """A list of strings, or of ``{"text": str}`` objects (Cohere's and Jina's document form)."""
+    if not isinstance(value, list):
+        raise bad_request(f"'{param}' must be a list of strings, got {type(value).__name__}", param, "invalid_type")
+    if not value:
+        raise bad_request(f"'{param}' must not be empty: there is nothing to rank", param, "empty_input")
+    if len(value) > max_inputs:
+        raise too_large(f"'{param}' has {len(value)} passages, more than this server's limit of {max_inputs} per "
+                        "request; split it into several requests", param, "too_many_inputs")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, dict) and isinstance(v.get("text"), str):
+            v = v["text"]
+        if not isinstance(v, str):
+            raise bad_request(f"'{param}[{i}]' is {type(v).__name__}; every passage must be a string or an object "
+                              "with a 'text' string", param, "invalid_type")
+        out.append(v)
+    return out
+
+
+def _query(body: dict) -> str:
+    if "query" not in body:
+        raise bad_request("'query' is required", "query", "missing_field")
+    query = body["query"]
+    if not isinstance(query, str):
+        raise bad_request(f"'query' must be a string, got {type(query).__name__}", "query", "invalid_type")
+    if not query:
+        raise bad_request("'query' is an empty string; there is nothing to rank against", "query", "empty_string")
+    return query
+
+
+def parse_tei_rerank(body: Any, max_inputs: int) -> RerankRequest:
+    """text-embeddings-inference's ``/rerank`` body: ``query``, ``texts``, ``raw_scores`` (default false: sigmoid),
+    ``return_text`` (false), ``truncate`` (false, as in TEI: a pair past max length is refused),
+    ``truncation_direction`` ("right"); ``model`` and ``top_n`` as extensions."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    query = _query(body)
+    if "texts" not in body:
+        raise bad_request("'texts' is required", "texts", "missing_field")
+    texts = _passages(body["texts"], "texts", max_inputs)
+    direction = _optional(body, "truncation_direction", str, '"right"')
+    if direction is not None and direction.lower() != "right":
+        raise bad_request(f"'truncation_direction' {direction!r} is not supported; only \"right\" (the passage's "
+                          "end is cut)", "truncation_direction")
+    return RerankRequest(model=_optional(body, "model", str, "a string"), query=query, texts=texts,
+                         top_n=_top_n(body), raw_scores=bool(_optional(body, "raw_scores", bool, "a boolean")),
+                         return_text=bool(_optional(body, "return_text", bool, "a boolean")),
+                         truncate=bool(_optional(body, "truncate", bool, "a boolean")), param="texts")
+
+
+def parse_cohere_rerank(body: Any, max_inputs: int) -> RerankRequest:
+    """Cohere's (v1 and v2) and Jina's ``/rerank`` body: ``model``, ``query``, ``documents`` (strings or
+    ``{"text": ...}``), ``top_n``, ``return_documents`` (default false); scores are the sigmoid of the logit
+    (``relevance_score`` in [0, 1]), ``raw_scores`` as an extension. Pairs past max length are cut on the
+    passage side (Cohere truncates long documents); ``truncate: false`` refuses them instead."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    query = _query(body)
+    if "documents" not in body:
+        raise bad_request("'documents' is required", "documents", "missing_field")
+    texts = _passages(body["documents"], "documents", max_inputs)
+    truncate = _optional(body, "truncate", bool, "a boolean")
+    return RerankRequest(model=_optional(body, "model", str, "a string"), query=query, texts=texts,
+                         top_n=_top_n(body), raw_scores=bool(_optional(body, "raw_scores", bool, "a boolean")),
+                         return_text=bool(_optional(body, "return_documents", bool, "a boolean")),
+                         truncate=True if truncate is None else truncate, param="documents")
+
+
+def _top_n(body: dict) -> int | None:
+    top_n = _optional(body, "top_n", int, "an integer")
+    if top_n is not None and top_n < 1:
+        raise bad_request(f"'top_n' must be at least 1, got {top_n}", "top_n")
+    return top_n
