@@ -293,6 +293,97 @@ def prepare_quantized_model(checkpoint_dir: Path, workdir: Path, *, venv_dir: Pa
     return _publish(staging, base, want)
 
 
+# ------------------------------------------------------------------------------------ cross-encoders
+
+CROSS_RECIPE = "torch.onnx.export dynamo=False opset=18 eager SequenceClassification logits v2 (positions fix)"
+
+_CROSS_EXPORT_SCRIPT = r"""
+import json, sys
+import numpy as np, onnxruntime as ort, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+src, out, opset = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(1)
+model = AutoModelForSequenceClassification.from_pretrained(src, use_safetensors=True, trust_remote_code=False,
+                                                           attn_implementation="eager", torch_dtype=torch.float32).eval()
+names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.config.type_vocab_size > 1 else [])
+
+class Logits(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+    def forward(self, *args):
+        return self.m(**dict(zip(names, args))).logits
+
+tok = AutoTokenizer.from_pretrained(src)
+enc = tok([("a query", "a passage of text"), ("another", "x")], padding=True, return_tensors="pt")
+dummy = tuple(enc[n] if n in enc else torch.zeros_like(enc["input_ids"]) for n in names)
+dyn = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
+dyn["logits"] = {0: "batch_size"}
+with torch.no_grad():
+    torch.onnx.export(Logits(model).eval(), dummy, out, input_names=names, output_names=["logits"], dynamic_axes=dyn,
+                      opset_version=opset, dynamo=False, do_constant_folding=True)
+model.eval()
+enc = tok([("q", "一个更长一些的中文句子，用来检查动态形状。"), ("hello", "world")], padding=True, return_tensors="np")
+feed = {n: enc[n].astype(np.int64) for n in names}
+got = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+with torch.no_grad():
+    want = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+print(json.dumps({"max_abs_diff": float(np.abs(got - want).max()), "shape": list(got.shape)}))
+"""
+
+_CROSS_COPY = _COPY_FILES + ("sentencepiece.bpe.model",)
+
+
+def prepare_cross_encoder(checkpoint_dir: Path, workdir: Path, *, venv_dir: Path = DEFAULT_VENV) -> Path:
+    """A model directory for infinity's optimum cross-encoder engine (its ``/rerank``): the checkpoint's config
+    and tokenizer plus only ``model_quantized.onnx``, optimum's avx512_vnni dynamic INT8 of the plain
+    ``...ForSequenceClassification`` graph (logits), which infinity picks on CPU: the INT8 peer a user of
+    infinity gets. Idempotent like prepare_model."""
+    checkpoint_dir, workdir = Path(checkpoint_dir).resolve(), Path(workdir).resolve()
+    base = workdir / f"infinity-cross-{checkpoint_dir.name}"
+    want = _fingerprint(checkpoint_dir, CROSS_RECIPE + " | " + QUANT_RECIPE)
+    if _reuse(base, want, "model_quantized.onnx"):
+        return base / "model"
+    python = ensure_env(venv_dir)
+    staging = _fresh_staging(base)
+    fp32_dir, model_dir, scratch = staging / "fp32", staging / "model", staging / "quantizer-out"
+    fp32_dir.mkdir()
+    for d in (fp32_dir, model_dir):
+        for name in _CROSS_COPY:
+            if (checkpoint_dir / name).is_file():
+                shutil.copy2(checkpoint_dir / name, d / name)
+    try:
+        proc = _run([str(python), "-c", _CROSS_EXPORT_SCRIPT, str(checkpoint_dir), str(fp32_dir / "model.onnx"), "18"],
+                    timeout=1800, what=f"ONNX export of the cross-encoder {checkpoint_dir.name} in the infinity venv",
+                    next_step="check that the checkpoint loads as AutoModelForSequenceClassification",
+                    env=_offline_env(os.environ), cwd=str(staging))
+        parity = json.loads(proc.stdout.strip().splitlines()[-1])
+        _run([str(python), "-c", _QUANT_SCRIPT, str(fp32_dir), str(scratch)], timeout=1800,
+             what=f"INT8 quantisation of {checkpoint_dir.name} in the infinity venv",
+             next_step=f"run optimum's ORTQuantizer by hand with {python} on {fp32_dir}/model.onnx",
+             env=_offline_env(os.environ), cwd=str(staging))
+    except InfinityPeerError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InfinityModelError(str(e)) from e
+    if parity["max_abs_diff"] > 1e-3:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InfinityModelError(f"the exported cross-encoder differs from torch by {parity['max_abs_diff']:.2e}")
+    (scratch / "model_quantized.onnx").rename(model_dir / "model_quantized.onnx")
+    shutil.rmtree(scratch)
+    shutil.rmtree(fp32_dir)
+    # infinity 0.0.78's optimum cross-encoder truncates pairs to config.max_position_embeddings, which for
+    # XLM-R (514: positions start at padding_idx + 1) lets a 514-token pair index past the position table and
+    # its start-up warm-up fails ("indices element out of data bounds, idx=514"); the workaround a user needs:
+    # the config infinity reads says 512, the tokenizer's model_max_length
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") in ("xlm-roberta", "roberta"):
+        config["max_position_embeddings"] = int(config["max_position_embeddings"]) - int(config.get("pad_token_id", 1)) - 1
+        (model_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (staging / "export-parity.json").write_text(json.dumps(parity), encoding="utf-8")
+    return _publish(staging, base, want)
+
+
 # -------------------------------------------------------------------------------------------- server
 
 _THREADS_VAR = "INFINITY_PEER_INTRA_OP_THREADS"
@@ -340,8 +431,8 @@ def _offline_env(base: dict[str, str] | os._Environ) -> dict[str, str]:
     return env
 
 
-def server_command(model_dir: Path, port: int, threads: int, *,
-                   venv_dir: Path = DEFAULT_VENV) -> tuple[list[str], dict[str, str], Path]:
+def server_command(model_dir: Path, port: int, threads: int, *, venv_dir: Path = DEFAULT_VENV,
+                   rerank: bool = False) -> tuple[list[str], dict[str, str], Path]:
     """argv, environment and cwd to start infinity serving model_dir on 127.0.0.1:port as model "bge" with
     its optimum (ONNX) engine on CPU, routes under /v1 (POST /v1/embeddings).
 
@@ -362,7 +453,7 @@ def server_command(model_dir: Path, port: int, threads: int, *,
         "--engine", "optimum",
         "--device", "cpu",
         "--batch-size", "32",          # infinity's default, stated so the benchmark records it
-        "--pooling-method", "cls",     # BGE; infinity's "auto" also means CLS in its optimum engine
+        *(["--pooling-method", "cls"] if not rerank else []),  # BGE; infinity's "auto" also means CLS
         "--no-trust-remote-code",
         "--host", "127.0.0.1",
         "--port", str(int(port)),
@@ -382,9 +473,9 @@ def server_command(model_dir: Path, port: int, threads: int, *,
 # ---------------------------------------------------------------------------------- running and checking
 
 def start_server(model_dir: Path, port: int, threads: int, log_path: Path, *,
-                 venv_dir: Path = DEFAULT_VENV) -> subprocess.Popen:
+                 venv_dir: Path = DEFAULT_VENV, rerank: bool = False) -> subprocess.Popen:
     """Start infinity in its own process group (so stop_server ends it and nothing else), logging to log_path."""
-    argv, env, cwd = server_command(model_dir, port, threads, venv_dir=venv_dir)
+    argv, env, cwd = server_command(model_dir, port, threads, venv_dir=venv_dir, rerank=rerank)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         return subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,

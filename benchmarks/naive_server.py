@@ -15,9 +15,13 @@ Backends (``--model`` is what each one loads):
   which cannot be installed beside transformers 5. ``--model`` is the .onnx file, ``--tokenizer`` the
   tokenizer.json.
 - ``ours``: ``runtime.Embedder(artifact, precision="int8")`` on an artifact directory.
+- ``st-cross-torch``: sentence-transformers' ``CrossEncoder`` (torch) on a cross-encoder checkpoint: ``/rerank``.
+- ``ours-rerank``: ``runtime.Reranker(artifact, precision="int8")``: ``/rerank``.
 
 Route: ``POST /v1/embeddings``, OpenAI-shaped (``input``: a string or a list of strings), plus the
-``input_type: "query"`` extension, which prepends the BGE retrieval instruction. ``GET /health`` says ready.
+``input_type: "query"`` extension, which prepends the BGE retrieval instruction; for the rerank backends
+``POST /rerank`` in TEI's shape (``query``, ``texts`` -> ``[{index, score}]`` best first, sigmoid scores).
+``GET /health`` says ready.
 """
 
 from __future__ import annotations
@@ -32,9 +36,62 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel
 
-BACKENDS = ("st-torch", "st-qint8", "ours")
+BACKENDS = ("st-torch", "st-qint8", "ours", "st-cross-torch", "ours-rerank")
+RERANK_BACKENDS = ("st-cross-torch", "ours-rerank")
 
 Encoder = Callable[[list[str], bool], np.ndarray]
+Scorer = Callable[[str, list[str]], np.ndarray]
+
+
+class RerankRequest(BaseModel):
+    """TEI's rerank request (the fields these servers read)."""
+
+    query: str
+    texts: list[str]
+    raw_scores: bool = False
+
+
+def st_cross_scorer(model: Path, threads: int) -> Scorer:
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    torch.set_num_threads(threads)
+    ce = CrossEncoder(str(model), device="cpu", max_length=512)
+
+    def score(query: str, texts: list[str]) -> np.ndarray:
+        return np.asarray(ce.predict([(query, t) for t in texts], activation_fn=torch.nn.Identity()))
+
+    return score
+
+
+def ours_scorer(artifact: Path, threads: int) -> Scorer:
+    from runtime import Reranker
+
+    rr = Reranker(artifact, device="cpu", precision="int8", threads=threads)
+
+    def score(query: str, texts: list[str]) -> np.ndarray:
+        return rr.score([(query, t) for t in texts])
+
+    return score
+
+
+def build_rerank_app(score: Scorer):
+    """The FastAPI rerank server a user would write: one scoring call per request."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/rerank")
+    def rerank(req: RerankRequest) -> list[dict]:
+        logits = np.asarray(score(req.query, req.texts), dtype=np.float64)
+        scores = logits if req.raw_scores else 1 / (1 + np.exp(-logits))
+        return [{"index": int(i), "score": float(scores[i])} for i in np.argsort(-scores, kind="stable")]
+
+    return app
 
 
 class EmbeddingRequest(BaseModel):
@@ -135,7 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     import uvicorn
 
-    app = build_app(make_encoder(args.backend, args.model, args.threads, args.tokenizer))
+    if args.backend in RERANK_BACKENDS:
+        scorer = st_cross_scorer if args.backend == "st-cross-torch" else ours_scorer
+        app = build_rerank_app(scorer(args.model, args.threads))
+    else:
+        app = build_app(make_encoder(args.backend, args.model, args.threads, args.tokenizer))
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
 

@@ -99,3 +99,17 @@ def test_quality_script_compares_every_path_on_one_run(tiny_checkpoint, tmp_path
     assert set(result["ours_int8_time_vs_stock"]) == set(STOCK)
     table = quality.table(result)
     assert table.count("\n| ") == len(names) + 1 and "time vs default" in table and "same rounds" in table
+
+
+def test_rerank_benchmark_workload_and_report():
+    from benchmarks.rerank import ST_FED, ST_TORCH, STOCK_OURS_FED, query_groups, render
+
+    groups = query_groups(3, 50)
+    assert len(groups) == 3 and all(len(ps) == 50 and all(ps) for _, ps in groups)
+    assert groups[0][1][0] != groups[1][1][0]
+    row = lambda pps, ms: {"pairs_per_s": pps, "one_x_50_ms_median": ms, "one_x_50_ms_p90": ms}  # noqa: E731
+    result = {"machine": {"cpu": "x", "flags": "avx2", "date": "d"}, "threads": 2, "label": "arch", "repeats": 3,
+              "pairs": 10, "tokens": 100, "rows": {"ours int8": row(200, 100), ST_FED: row(100, 250),
+                                                   STOCK_OURS_FED: row(160, 150), ST_TORCH: row(20, 1000)}}
+    md = render(result)
+    assert "2.00x the pairs/s (target 1.7x)" in md and "latency 0.40x" in md and "10.00x (target 5x)" in md

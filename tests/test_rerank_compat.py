@@ -75,3 +75,42 @@ def test_flagreranker_matches_flagembedding(which, trained_cross_encoder, traine
         assert isinstance(got[key], list) and all(isinstance(x, float) for x in got[key]), key
         # FlagEmbedding runs transformers 4.57 (up to 2e-4 apart from 5.x per hidden component, see test_compat)
         np.testing.assert_allclose(got[key], want, atol=2e-3, err_msg=key)
+
+
+# -- LangChain and LlamaIndex ----------------------------------------------------------------------------------
+DOCS = ["A woman is slicing an onion.", "A man plays the guitar on stage.", "The cat sleeps on the sofa.",
+        "Someone is playing an instrument.", "A man is playing a guitar."]
+QUERY = "A man is playing a guitar."
+
+
+def test_langchain_cross_encoder_reranker_keeps_the_best_documents(trained_reranker):
+    from langchain_classic.retrievers.document_compressors import CrossEncoderReranker
+    from langchain_core.documents import Document
+
+    from runtime import Reranker
+    from runtime.compat.langchain import BGEOnnxCrossEncoder
+
+    want = [i for i, _ in Reranker(trained_reranker).rerank(QUERY, DOCS, top_n=3)]
+    compressor = CrossEncoderReranker(model=BGEOnnxCrossEncoder(trained_reranker), top_n=3)
+    kept = compressor.compress_documents([Document(page_content=d, metadata={"i": i}) for i, d in enumerate(DOCS)],
+                                         QUERY)
+    assert [d.metadata["i"] for d in kept] == want
+    scores = BGEOnnxCrossEncoder(trained_reranker, normalize=True).score([(QUERY, d) for d in DOCS])
+    assert isinstance(scores, list) and all(isinstance(s, float) and 0 < s < 1 for s in scores)
+
+
+def test_llamaindex_rerank_postprocessor(trained_reranker):
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    from runtime import Reranker
+    from runtime.compat.llamaindex import BGEOnnxRerank
+
+    ranked = Reranker(trained_reranker).rerank(QUERY, DOCS, top_n=2)
+    nodes = [NodeWithScore(node=TextNode(text=d, id_=str(i)), score=0.5) for i, d in enumerate(DOCS)]
+    post = BGEOnnxRerank(trained_reranker, top_n=2, keep_retrieval_score=True)
+    out = post.postprocess_nodes(nodes, query_str=QUERY)
+    assert [int(n.node.node_id) for n in out] == [i for i, _ in ranked]
+    np.testing.assert_allclose([n.score for n in out], [s for _, s in ranked], atol=1e-6)
+    assert out[0].node.metadata["retrieval_score"] == 0.5
+    with pytest.raises(ValueError, match="needs the query"):
+        post.postprocess_nodes(nodes)

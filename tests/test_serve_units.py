@@ -312,3 +312,15 @@ def test_large_tokenisation_has_its_own_lane_and_admission():
     finally:
         release.set()
         lanes.close()
+
+
+def test_default_layout_is_per_core_for_embedders_and_one_wide_worker_for_rerankers(tmp_path):
+    from runtime.serve.config import ModelSpec, ServeConfig
+
+    cfg = ServeConfig(models=(ModelSpec("m", tmp_path),))
+    cores = usable_cores()
+    assert cfg.layout("cpu") == (cores, 1)
+    assert cfg.layout("cpu", "reranker") == (1, cores)
+    explicit = ServeConfig(models=(ModelSpec("m", tmp_path),), workers=2, threads=1)
+    assert explicit.layout("cpu", "reranker") == (2, 1)  # flags win for every kind
+    assert ServeConfig(models=(ModelSpec("m", tmp_path),), threads=1).layout("cpu", "reranker") == (cores, 1)

@@ -2,8 +2,10 @@
 
 - ``FlagModel`` and ``FlagReranker`` (FlagEmbedding's, the BGE model cards' own library):
   ``runtime.compat.flagembedding``.
-- ``BGEOnnxEmbeddings`` (a LangChain ``Embeddings``): ``runtime.compat.langchain``, extra ``langchain``.
-- ``BGEOnnxEmbedding`` (a LlamaIndex ``BaseEmbedding``): ``runtime.compat.llamaindex``, extra ``llamaindex``.
+- ``BGEOnnxEmbeddings`` (a LangChain ``Embeddings``) and ``BGEOnnxCrossEncoder`` (a LangChain
+  ``BaseCrossEncoder``, for ``CrossEncoderReranker``): ``runtime.compat.langchain``, extra ``langchain``.
+- ``BGEOnnxEmbedding`` (a LlamaIndex ``BaseEmbedding``) and ``BGEOnnxRerank`` (a LlamaIndex node
+  postprocessor): ``runtime.compat.llamaindex``, extra ``llamaindex``.
 
 The framework adapters are imported on first use, so ``import runtime.compat`` needs no framework.
 """
@@ -14,9 +16,10 @@ from typing import Any
 
 from .flagembedding import FlagModel, FlagReranker
 
-_LAZY = {"BGEOnnxEmbeddings": ".langchain", "BGEOnnxEmbedding": ".llamaindex"}
+_LAZY = {"BGEOnnxEmbeddings": ".langchain", "BGEOnnxCrossEncoder": ".langchain", "BGEOnnxEmbedding": ".llamaindex",
+         "BGEOnnxRerank": ".llamaindex"}
 
-__all__ = ["BGEOnnxEmbedding", "BGEOnnxEmbeddings", "FlagModel", "FlagReranker"]
+__all__ = ["BGEOnnxCrossEncoder", "BGEOnnxEmbedding", "BGEOnnxEmbeddings", "BGEOnnxRerank", "FlagModel", "FlagReranker"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,9 @@
-"""A LangChain ``Embeddings`` over the runtime: ``embed_documents`` / ``embed_query`` and their async pair.
+"""LangChain over the runtime: an ``Embeddings`` (``embed_documents`` / ``embed_query`` and their async pair)
+and a ``BaseCrossEncoder`` for its ``CrossEncoderReranker`` document compressor.
 
-    from runtime.compat.langchain import BGEOnnxEmbeddings
+    from runtime.compat.langchain import BGEOnnxCrossEncoder, BGEOnnxEmbeddings
     store = InMemoryVectorStore(BGEOnnxEmbeddings("artifacts/bge-large-zh-v1.5"))
+    compressor = CrossEncoderReranker(model=BGEOnnxCrossEncoder("artifacts/bge-reranker-base"), top_n=3)
 
 Needs ``langchain-core`` (``pip install 'bge-onnx[langchain]'``), imported by this module only.
 """
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 try:
+    from langchain_core.cross_encoders import BaseCrossEncoder
     from langchain_core.embeddings import Embeddings
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -20,6 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ..embedder import Embedder
+from ..reranker import Reranker
 
 
 class BGEOnnxEmbeddings(Embeddings):
@@ -61,3 +65,24 @@ class BGEOnnxEmbeddings(Embeddings):
 
     async def aembed_query(self, text: str) -> list[float]:
         return await asyncio.to_thread(self.embed_query, text)
+
+
+class BGEOnnxCrossEncoder(BaseCrossEncoder):
+    """``score(pairs)`` by a cross-encoder artifact (bge-reranker): raw logits, or their sigmoid with
+    ``normalize=True``; pairs cut as ``Reranker.score`` cuts them. Pass a ``Reranker`` to share one."""
+
+    def __init__(self, model: str | Path | Reranker, *, normalize: bool = False, batch_size: int | None = None,
+                 **reranker_kwargs: Any) -> None:
+        self.reranker = model if isinstance(model, Reranker) else Reranker(model, **reranker_kwargs)
+        self.normalize = normalize
+        self.batch_size = batch_size
+
+    def score(self, text_pairs: list[tuple[str, str]]) -> list[float]:
+        import warnings
+
+        from ..reranker import PairTruncationWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PairTruncationWarning)  # cutting long passages is the expected use
+            scores = self.reranker.score([tuple(p) for p in text_pairs], self.batch_size, normalize=self.normalize)
+        return scores.astype(float).tolist()

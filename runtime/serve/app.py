@@ -108,8 +108,8 @@ class EmbeddingService:
         try:
             for i, spec in enumerate(cfg.models):
                 self.state.detail = f"loading model {spec.name!r} ({i + 1} of {len(cfg.models)})"
-                workers, threads = cfg.layout(resolve_device(cfg.device))
                 kind = Manifest.load(spec.path).kind
+                workers, threads = cfg.layout(resolve_device(cfg.device), kind)
                 model_class = Reranker if kind == "reranker" else Embedder
                 emb = model_class(spec.path, device=cfg.device, precision=cfg.precision, threads=threads,
                                   max_batch_tokens=cfg.max_batch_tokens, spinning=cfg.spinning, workers=workers)
