@@ -4,6 +4,7 @@ with the Embedder (``runtime.session``); only pair tokenisation and the score ar
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -37,7 +38,7 @@ class Reranker(ModelSession):
 
     >>> rr = Reranker("artifacts/bge-reranker-base")
     >>> rr.rerank("what is panda?", ["hi", "The giant panda is a bear native to China."], top_n=1)
-    [(1, 5.26...)]
+    [(1, <its score>)]
     """
 
     kind = "reranker"
@@ -49,6 +50,8 @@ class Reranker(ModelSession):
             raise ArtifactError("the manifest of a reranker has no pair format; re-export the artifact")
         self._pair: PairFormat = pair
         self._pairs = PairTokenizer(self._tokenizer_path, self.max_length, pair.query_max_length, pair.truncation)
+        self._other_lengths: dict[tuple[int, int], PairTokenizer] = {}
+        self._lengths_lock = threading.Lock()
 
     @property
     def pair_format(self) -> PairFormat:
@@ -59,10 +62,30 @@ class Reranker(ModelSession):
         return self._pair.query_max_length
 
     # -- tokenising ----------------------------------------------------------------------------
-    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]], truncate: bool = True) -> PairEncoded:
+    def tokenize_pairs(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        truncate: bool = True,
+        *,
+        max_length: int | None = None,
+        query_max_length: int | None = None,
+    ) -> PairEncoded:
         """Token rows of ``pairs`` as ``score`` feeds them (``runtime.pairs``). With ``truncate=False`` a pair
-        that would be cut raises ``InputTooLongError`` (its index, its token count). Thread-safe."""
-        return self._pairs.encode(pairs, truncate)
+        that would be cut raises ``InputTooLongError`` (its index, its token count). ``max_length`` (at most the
+        manifest's) and ``query_max_length`` cut shorter than the manifest says, as FlagReranker's per-call
+        arguments do. Thread-safe."""
+        length = self.max_length if max_length is None else max_length
+        q_length = self._pair.query_max_length if query_max_length is None else query_max_length
+        if (length, q_length) == (self.max_length, self._pair.query_max_length):
+            return self._pairs.encode(pairs, truncate)
+        if not 2 <= length <= self.max_length or not 1 <= q_length < length:
+            raise ValueError(f"need 1 <= query_max_length < max_length <= {self.max_length}, got {q_length} and {length}")
+        with self._lengths_lock:
+            tok = self._other_lengths.get((length, q_length))
+            if tok is None:
+                tok = PairTokenizer(self._tokenizer_path, length, q_length, self._pair.truncation)
+                self._other_lengths[(length, q_length)] = tok
+        return tok.encode(pairs, truncate)
 
     # -- scoring -------------------------------------------------------------------------------
     def score(

@@ -164,6 +164,10 @@ def test_reranker_errors_say_what_to_do(xlmr_reranker, tiny_artifact):
         rr.rerank("q", ["p"], top_n=0)
     with pytest.raises(ValueError, match="not valid Unicode"):
         rr.score([("q", "bad \ud800")])
+    with pytest.raises(ValueError, match="max_length"):
+        rr.tokenize_pairs([("q", "p")], max_length=rr.max_length + 1)
+    short = rr.tokenize_pairs([("q " * 50, "p " * 500)], max_length=32, query_max_length=8)
+    assert len(short.ids[0]) == 32 and short.truncated == [0]
     with pytest.raises(ArtifactError, match="load it with runtime.Embedder"):
         Reranker(tiny_artifact)
     with pytest.raises(ArtifactError, match="load it with runtime.Reranker"):

@@ -229,16 +229,6 @@ class FlagReranker:
         self.query_max_length = query_max_length
         self.max_length = max_length
         self.normalize = normalize
-        self._tokenizers: dict[tuple[int, int], Any] = {}
-
-    def _pair_tokenizer(self, max_length: int, query_max_length: int):
-        from ..pairs import PairTokenizer
-
-        key = (max_length, query_max_length)
-        if key not in self._tokenizers:
-            self._tokenizers[key] = PairTokenizer(self.model._tokenizer_path, max_length, query_max_length,
-                                                  self.model.pair_format.truncation)
-        return self._tokenizers[key]
 
     def compute_score(
         self,
@@ -260,10 +250,7 @@ class FlagReranker:
         if query_max_length is None:
             query_max_length = self.query_max_length if self.query_max_length is not None else max_length * 3 // 4
         query_max_length = min(query_max_length, max_length - 4)
-        if (max_length, query_max_length) == (self.model.max_length, self.model.query_max_length):
-            enc = self.model.tokenize_pairs(pairs)
-        else:
-            enc = self._pair_tokenizer(max_length, query_max_length).encode(pairs)
+        enc = self.model.tokenize_pairs(pairs, max_length=max_length, query_max_length=query_max_length)
         logits = self.model.score_rows(enc, batch_size or self.batch_size)
         normalize = self.normalize if normalize is None else normalize
         scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) if normalize else logits.astype(np.float64)
