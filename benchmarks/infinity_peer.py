@@ -260,6 +260,14 @@ def prepare_model(checkpoint_dir: Path, workdir: Path, *, venv_dir: Path = DEFAU
     return _publish(staging, base, want)
 
 
+def _quantize(python: Path, fp32_dir: Path, out_dir: Path, cwd: Path, name: str) -> None:
+    """optimum's avx512_vnni dynamic INT8 of ``fp32_dir/model.onnx`` into ``out_dir``, in infinity's venv."""
+    _run([str(python), "-c", _QUANT_SCRIPT, str(fp32_dir), str(out_dir)], timeout=1800,
+         what=f"INT8 quantisation of {name} in the infinity venv",
+         next_step=f"run optimum's ORTQuantizer by hand with {python} on {fp32_dir}/model.onnx",
+         env=_offline_env(os.environ), cwd=str(cwd))
+
+
 def prepare_quantized_model(checkpoint_dir: Path, workdir: Path, *, venv_dir: Path = DEFAULT_VENV) -> Path:
     """Like prepare_model, but the directory holds only model_quantized.onnx: optimum's avx512_vnni dynamic
     INT8 quantisation of the same plain graph, which infinity picks on CPU because of "quantize" in its name.
@@ -274,10 +282,7 @@ def prepare_quantized_model(checkpoint_dir: Path, workdir: Path, *, venv_dir: Pa
     staging = _fresh_staging(base)
     model_dir, scratch = staging / "model", staging / "quantizer-out"
     try:
-        _run([str(python), "-c", _QUANT_SCRIPT, str(fp32_dir), str(scratch)], timeout=1800,
-             what=f"INT8 quantisation of {checkpoint_dir.name} in the infinity venv",
-             next_step=f"run optimum's ORTQuantizer by hand with {python} on {fp32_dir}/model.onnx",
-             env=_offline_env(os.environ), cwd=str(staging))
+        _quantize(python, fp32_dir, scratch, staging, checkpoint_dir.name)
     except InfinityPeerError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise InfinityModelError(str(e)) from e
@@ -359,10 +364,7 @@ def prepare_cross_encoder(checkpoint_dir: Path, workdir: Path, *, venv_dir: Path
                     next_step="check that the checkpoint loads as AutoModelForSequenceClassification",
                     env=_offline_env(os.environ), cwd=str(staging))
         parity = json.loads(proc.stdout.strip().splitlines()[-1])
-        _run([str(python), "-c", _QUANT_SCRIPT, str(fp32_dir), str(scratch)], timeout=1800,
-             what=f"INT8 quantisation of {checkpoint_dir.name} in the infinity venv",
-             next_step=f"run optimum's ORTQuantizer by hand with {python} on {fp32_dir}/model.onnx",
-             env=_offline_env(os.environ), cwd=str(staging))
+        _quantize(python, fp32_dir, scratch, staging, checkpoint_dir.name)
     except InfinityPeerError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise InfinityModelError(str(e)) from e

@@ -121,6 +121,7 @@ def speed(checkpoint: Path, artifact: Path, n_queries: int, repeats: int, thread
     from sentence_transformers import CrossEncoder
 
     from runtime import Reranker
+    from runtime.providers import usable_cores
 
     if threads:
         torch.set_num_threads(threads)
@@ -131,7 +132,7 @@ def speed(checkpoint: Path, artifact: Path, n_queries: int, repeats: int, thread
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = {p: Reranker(artifact, device="cpu", precision=p, threads=threads) for p in ("int8", "fp32")}
-        cores = ours["int8"].threads or __import__("runtime.providers", fromlist=["usable_cores"]).usable_cores()
+        cores = ours["int8"].threads or usable_cores()
         ours_k = Reranker(artifact, device="cpu", precision="int8", workers=cores)  # the server's layout: K x 1 thread
         enc_all, enc_one = ours["int8"].tokenize_pairs(pairs), ours["int8"].tokenize_pairs(one)
         ce = CrossEncoder(str(checkpoint), device="cpu", max_length=ours["int8"].max_length)

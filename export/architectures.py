@@ -73,12 +73,12 @@ def chinese_vocab(size: int = CHINESE_VOCAB_SIZE) -> list[str]:
     return vocab
 
 
-def _perturb(model, seed: int) -> None:
-    """HF initialises every LayerNorm to (1, 0) and every bias to 0; perturb them so the random model has no
-    degenerate, shared tensors and the graph looks like a trained one to the optimizer."""
+def _perturb(model) -> None:
+    """HF initialises every LayerNorm to (1, 0) and every bias to 0; perturb them (from torch's seeded stream,
+    right after the model's own initialisation) so the random model has no degenerate, shared tensors and the
+    graph looks like a trained one to the optimizer."""
     import torch
 
-    torch.manual_seed(seed + 1)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("LayerNorm.weight"):
@@ -186,7 +186,7 @@ def _materialise_xlmr(name: str, arch: Architecture, directory: Path, seed: int)
     )
     torch.manual_seed(seed)
     model = XLMRobertaForSequenceClassification(config).eval()
-    _perturb(model, seed)
+    _perturb(model)
     _spread_head(model, tok, seed)
     model.save_pretrained(directory, safe_serialization=True)
     _write_random_notice(directory, name, seed)
@@ -222,17 +222,9 @@ def materialise(name: str, directory: Path, seed: int = 0) -> Path:
         config.num_labels = 1
         config.architectures = ["BertForSequenceClassification"]
         model = BertForSequenceClassification(config).eval()
-        _perturb(model, seed)
     else:
         model = BertModel(config, add_pooling_layer=False).eval()
-        with torch.no_grad():
-            # HF initialises every LayerNorm to (1, 0) and every bias to 0; perturb them so the random model
-            # has no degenerate, shared tensors and the graph looks like a trained one to the optimizer.
-            for pname, p in model.named_parameters():
-                if pname.endswith("LayerNorm.weight"):
-                    p.add_(torch.randn_like(p) * 0.05)
-                elif pname.endswith("bias"):
-                    p.add_(torch.randn_like(p) * 0.02)
+    _perturb(model)
     model.save_pretrained(directory, safe_serialization=True)
     backend = BertWordPieceTokenizer(
         {t: i for i, t in enumerate(vocab)}, lowercase=True, handle_chinese_chars=True, strip_accents=None

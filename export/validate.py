@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.reranker import sigmoid
+
 GATES = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 
 
@@ -62,10 +64,6 @@ def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int = TOP_K) -> float:
     return len(set(np.argsort(-a, kind="stable")[:k]) & set(np.argsort(-b, kind="stable")[:k])) / k
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
-
-
 def ranking_figures(candidate: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
     """Per query (one array of passage scores each): Kendall tau and top-3 overlap with the reference's order,
     and over all pairs the largest logit and sigmoid-score differences."""
@@ -80,7 +78,7 @@ def ranking_figures(candidate: list[np.ndarray], reference: list[np.ndarray]) ->
         "mean_kendall_tau": float(np.mean(taus)) if finite else -1.0,
         "mean_top3_overlap": float(np.mean(overlaps)) if finite else 0.0,
         "max_abs_logit_diff": float(np.nan_to_num(np.abs(cat_c - cat_r), nan=np.inf).max()),
-        "max_sigmoid_error": float(np.nan_to_num(np.abs(_sigmoid(cat_c) - _sigmoid(cat_r)), nan=1.0).max()),
+        "max_sigmoid_error": float(np.nan_to_num(np.abs(sigmoid(cat_c) - sigmoid(cat_r)), nan=1.0).max()),
     }
 
 

@@ -61,10 +61,13 @@ def split_pairs(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]
 class PairTokenizer:
     """``tokenizer.json`` read for pairs. Thread-safe: nothing is mutated after construction."""
 
-    def __init__(self, path: Path, max_length: int, query_max_length: int, truncation: str = "only_second") -> None:
+    def __init__(self, path: Path, max_length: int, query_max_length: int, truncation: str = "only_second",
+                 texts: TextTokenizer | None = None) -> None:
+        """``texts``: a ``TextTokenizer`` of the same file to share (a Reranker's own), else one is loaded; its
+        max length does not matter here (each side is capped by the lengths given)."""
         self.max_length = max_length
         self.query_max_length = query_max_length
-        self.texts = TextTokenizer(path, max_length)
+        self.texts = texts if texts is not None else TextTokenizer(path, max_length)
         try:
             self._pair = Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises a bare Exception on malformed JSON

@@ -49,7 +49,8 @@ class Reranker(ModelSession):
         if pair is None:  # Manifest.check refuses this; keeps the type checker and a hand-edited file honest
             raise ArtifactError("the manifest of a reranker has no pair format; re-export the artifact")
         self._pair: PairFormat = pair
-        self._pairs = PairTokenizer(self._tokenizer_path, self.max_length, pair.query_max_length, pair.truncation)
+        self._pairs = PairTokenizer(self._tokenizer_path, self.max_length, pair.query_max_length, pair.truncation,
+                                    texts=self._tokenizer)
         self._other_lengths: dict[tuple[int, int], PairTokenizer] = {}
         self._lengths_lock = threading.Lock()
 
@@ -83,7 +84,7 @@ class Reranker(ModelSession):
         with self._lengths_lock:
             tok = self._other_lengths.get((length, q_length))
             if tok is None:
-                tok = PairTokenizer(self._tokenizer_path, length, q_length, self._pair.truncation)
+                tok = PairTokenizer(self._tokenizer_path, length, q_length, self._pair.truncation, texts=self._tokenizer)
                 self._other_lengths[(length, q_length)] = tok
         return tok.encode(pairs, truncate)
 
@@ -113,7 +114,7 @@ class Reranker(ModelSession):
             warnings.warn(PairTruncationWarning(len(enc.truncated), enc.truncated, self.max_length,
                                                 self._pair.query_max_length), stacklevel=2)
         logits = self.score_rows(enc, batch_size)
-        return _sigmoid(logits) if normalize else logits
+        return sigmoid(logits).astype(np.float32) if normalize else logits
 
     def score_rows(self, enc: PairEncoded, batch_size: int | None = None) -> np.ndarray:
         """Logits of already tokenised pairs (``tokenize_pairs``), in length-sorted batches."""
@@ -162,5 +163,6 @@ class Reranker(ModelSession):
         )
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function in float64: FlagReranker's ``normalize=True``, and the score the rerank routes give."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .batching import Batch
-from .errors import ArtifactError
+from .errors import ArtifactError, InputTooLongError, InvalidOutputError
 from .integrity import check_external_data, verify_file
 from .manifest import PRECISIONS, Manifest
 from .providers import create_session, resolve_device, usable_cores
@@ -212,8 +212,6 @@ class ModelSession:
         pair model whose graph reads them; zeros if not given) as one run: float32 ``[n, dim]``, checked. No
         batching, sorting or truncation happens here, so the caller owns ``length <= max_length`` and the
         padding."""
-        from .errors import InputTooLongError
-
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         if ids.ndim != 2 or ids.shape != mask.shape:
@@ -284,8 +282,6 @@ class ModelSession:
 
     def _check_output(self, out: np.ndarray, indices: np.ndarray) -> None:
         """Raise ``InvalidOutputError`` naming the input of the first bad row; subclasses add their checks."""
-        from .errors import InvalidOutputError
-
         finite = np.isfinite(out).all(axis=1)
         if not finite.all():
             bad = int(np.flatnonzero(~finite)[0])

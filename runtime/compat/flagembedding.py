@@ -30,6 +30,7 @@ import numpy as np
 from ..embedder import Embedder, TruncationWarning
 from ..manifest import Manifest
 from ..providers import resolve_device
+from ..reranker import Reranker, sigmoid
 
 
 class FlagModel:
@@ -64,10 +65,7 @@ class FlagModel:
                 "normalize_embeddings=False but the artifact normalises inside its graph; re-export with "
                 "`python -m export --no-normalize` to get unnormalised vectors"
             )
-        device, device_id = _device(devices)
-        if precision is None:
-            on_cuda = resolve_device(device) == "cuda"
-            precision = "fp16" if on_cuda and use_fp16 and "fp16" in manifest.variants else "fp32"
+        device, device_id, precision = _placement(manifest, devices, use_fp16, precision)
         self.model = Embedder(model_name_or_path, device=device, precision=precision, device_id=device_id)
         self.model_name_or_path = str(model_name_or_path)
         self.normalize_embeddings = normalize_embeddings
@@ -164,6 +162,17 @@ class FlagModel:
         return f"FlagModel({self.model_name_or_path!r}, precision={emb.precision!r}, device={emb.device!r})"
 
 
+def _placement(manifest: Manifest, devices: str | int | list[str] | list[int] | None, use_fp16: bool,
+               precision: str | None) -> tuple[str, int, str]:
+    """(device, device id, variant) as FlagEmbedding would run: FP16 on CUDA when ``use_fp16`` and the artifact
+    has it, FP32 otherwise (FlagEmbedding runs FP32 on CPU whatever ``use_fp16`` says); ``precision`` wins."""
+    device, device_id = _device(devices)
+    if precision is None:
+        on_cuda = resolve_device(device) == "cuda"
+        precision = "fp16" if on_cuda and use_fp16 and "fp16" in manifest.variants else "fp32"
+    return device, device_id, precision
+
+
 def _device(devices: str | int | list[str] | list[int] | None) -> tuple[str, int]:
     """FlagEmbedding's ``devices`` as (device, device_id): one device; a list uses its first, with a warning
     (one process here; run one FlagModel per GPU for data parallelism)."""
@@ -211,13 +220,7 @@ class FlagReranker:
         precision: str | None = None,
         **kwargs: Any,
     ) -> None:
-        from ..reranker import Reranker
-
-        manifest = Manifest.load(Path(model_name_or_path))
-        device, device_id = _device(devices)
-        if precision is None:
-            on_cuda = resolve_device(device) == "cuda"
-            precision = "fp16" if on_cuda and use_fp16 and "fp16" in manifest.variants else "fp32"
+        device, device_id, precision = _placement(Manifest.load(Path(model_name_or_path)), devices, use_fp16, precision)
         self.model = Reranker(model_name_or_path, device=device, precision=precision, device_id=device_id)
         self.model_name_or_path = str(model_name_or_path)
         self.use_fp16 = use_fp16
@@ -253,7 +256,7 @@ class FlagReranker:
         enc = self.model.tokenize_pairs(pairs, max_length=max_length, query_max_length=query_max_length)
         logits = self.model.score_rows(enc, batch_size or self.batch_size)
         normalize = self.normalize if normalize is None else normalize
-        scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) if normalize else logits.astype(np.float64)
+        scores = sigmoid(logits) if normalize else logits.astype(np.float64)
         return [float(s) for s in scores]
 
     @staticmethod

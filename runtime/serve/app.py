@@ -28,7 +28,7 @@ from ..embedder import Embedder, RowPlan
 from ..errors import EmbedderError, InputTooLongError
 from ..manifest import MANIFEST_NAME, Manifest
 from ..pairs import PairEncoded
-from ..reranker import Reranker
+from ..reranker import Reranker, sigmoid
 from ..providers import resolve_device
 from .cache import VectorCache
 from .config import ServeConfig
@@ -229,7 +229,6 @@ class EmbeddingService:
             raise bad_request(f"'normalize': false is not supported: model {worker.name!r} L2-normalises inside "
                               "its graph (its manifest says so); omit it or pass true", "normalize")
         t_tok = time.perf_counter()
-        loop = asyncio.get_running_loop()
         digest = self.digests[worker.name]
         plan: RowPlan | None = None
         if req.texts is not None:
@@ -252,46 +251,55 @@ class EmbeddingService:
         # as bytes, so a huge text costs the cache no more than its first max_length tokens
         keys: list[Hashable] = [(digest, np.asarray(row, dtype=np.int32).tobytes()) for row in ids]
         tokenize_s = time.perf_counter() - t_tok
-        worker_metrics = self.metrics
-        worker_metrics.tokenize_seconds.labels(worker.name).observe(tokenize_s)
+        self.metrics.tokenize_seconds.labels(worker.name).observe(tokenize_s)
         n_tokens = sum(len(r) for r in ids)
         if n_tokens > self.config.max_request_tokens:
             raise too_large(f"'{req.param}' has {n_tokens} tokens in all, more than this server's limit of "
                             f"{self.config.max_request_tokens} per request (--max-request-tokens); split it",
                             req.param, "too_many_tokens")
-        job = Job(n=len(ids), dim=emb.dim, deadline=arrived + self.config.request_timeout, loop=loop,
-                  future=loop.create_future())
-        rows = []
-        hits = 0
-        use_cache = self.cache.capacity > 0
-        for i, (row, key) in enumerate(zip(ids, keys)):
-            vec = self.cache.get(key) if use_cache else None
-            if vec is not None:
-                job.vectors[i] = vec
-                hits += 1
-            else:
-                rows.append((i, row, key if use_cache else None))
-        if use_cache:
-            worker_metrics.cache_hits.labels(worker.name).inc(hits)
-            worker_metrics.cache_misses.labels(worker.name).inc(len(rows))
-        if rows:
-            try:
-                worker.submit(job, rows)
-            except QueueFull as full:
-                raise _queue_full(worker.name, full) from None
-            await self._wait(request, job, arrived)
-        worker_metrics.prompt_tokens.labels(worker.name).inc(n_tokens)
+        job, headers = await self._run_rows(request, worker, ids, keys, None, n_tokens, tokenize_s, arrived)
         vectors = job.vectors
         if plan is not None and len(plan.rows) != len(req):
             vectors = _pool(plan, vectors, emb.manifest.normalize)
+        headers["x-windows"] = str(len(ids))
+        return worker, vectors, n_tokens, headers
+
+    async def _run_rows(self, request: Request, worker: ModelWorker, ids: list[list[int]], keys: list[Hashable],
+                        segments: list[int] | None, n_tokens: int, tokenize_s: float, arrived: float) -> tuple[Job, dict]:
+        """What every route does with its token rows: answer from the cache what it holds, queue the rest in the
+        model's workers (admission may refuse: 429), wait for them, count; the job (one output row per token
+        row) and the timing headers."""
+        loop = asyncio.get_running_loop()
+        job = Job(n=len(ids), dim=worker.embedder.dim, deadline=arrived + self.config.request_timeout, loop=loop,
+                  future=loop.create_future())
+        rows, queued_segments, hits = [], [], 0
+        use_cache = self.cache.capacity > 0
+        for i, (row, key) in enumerate(zip(ids, keys)):
+            cached = self.cache.get(key) if use_cache else None
+            if cached is not None:
+                job.vectors[i] = cached
+                hits += 1
+            else:
+                rows.append((i, row, key if use_cache else None))
+                if segments is not None:
+                    queued_segments.append(segments[i])
+        if use_cache:
+            self.metrics.cache_hits.labels(worker.name).inc(hits)
+            self.metrics.cache_misses.labels(worker.name).inc(len(rows))
+        if rows:
+            try:
+                worker.submit(job, rows, queued_segments if segments is not None else None)
+            except QueueFull as full:
+                raise _queue_full(worker.name, full) from None
+            await self._wait(request, job, arrived)
+        self.metrics.prompt_tokens.labels(worker.name).inc(n_tokens)
         headers = {
             "x-tokenization-time": f"{tokenize_s * 1000:.3f}",
             "x-queue-time": f"{job.queue_time * 1000:.3f}",
             "x-inference-time": f"{job.inference_time * 1000:.3f}",
             "x-cache-hits": str(hits),
         }
-        headers["x-windows"] = str(len(ids))
-        return worker, vectors, n_tokens, headers
+        return job, headers
 
     # -- reranking ---------------------------------------------------------------------------
     async def rerank(self, request: Request, req: RerankRequest, arrived: float) -> tuple[ModelWorker, np.ndarray, int, dict]:
@@ -301,7 +309,6 @@ class EmbeddingService:
         worker = self.worker_for(req.model, "reranker")
         rr = cast(Reranker, worker.embedder)  # worker_for checked the kind
         t_tok = time.perf_counter()
-        loop = asyncio.get_running_loop()
         cap = rr.max_length * 8  # characters a side can reach the model with (the tokenizer cuts the rest first)
         chars = min(len(req.query), cap) * len(req.texts) + sum(min(len(t), cap) for t in req.texts)
         try:
@@ -320,35 +327,9 @@ class EmbeddingService:
         types = rr.reads_token_types
         keys: list[Hashable] = [(digest, np.asarray(row, dtype=np.int32).tobytes(), seg if types else 0)
                                 for row, seg in zip(enc.ids, enc.segment_start)]
-        job = Job(n=len(enc.ids), dim=1, deadline=arrived + self.config.request_timeout, loop=loop,
-                  future=loop.create_future())
-        rows, segments, hits = [], [], 0
-        use_cache = self.cache.capacity > 0
-        for i, (row, key) in enumerate(zip(enc.ids, keys)):
-            hit = self.cache.get(key) if use_cache else None
-            if hit is not None:
-                job.vectors[i] = hit
-                hits += 1
-            else:
-                rows.append((i, row, key if use_cache else None))
-                segments.append(enc.segment_start[i])
-        if use_cache:
-            self.metrics.cache_hits.labels(worker.name).inc(hits)
-            self.metrics.cache_misses.labels(worker.name).inc(len(rows))
-        if rows:
-            try:
-                worker.submit(job, rows, segments if types else None)
-            except QueueFull as full:
-                raise _queue_full(worker.name, full) from None
-            await self._wait(request, job, arrived)
-        self.metrics.prompt_tokens.labels(worker.name).inc(n_tokens)
-        headers = {
-            "x-tokenization-time": f"{tokenize_s * 1000:.3f}",
-            "x-queue-time": f"{job.queue_time * 1000:.3f}",
-            "x-inference-time": f"{job.inference_time * 1000:.3f}",
-            "x-cache-hits": str(hits),
-            "x-truncated-pairs": str(len(enc.truncated)),
-        }
+        job, headers = await self._run_rows(request, worker, enc.ids, keys, enc.segment_start if types else None,
+                                            n_tokens, tokenize_s, arrived)
+        headers["x-truncated-pairs"] = str(len(enc.truncated))
         return worker, job.vectors[:, 0].copy(), n_tokens, headers
 
     def _pairs(self, rr: Reranker, req: RerankRequest) -> PairEncoded:
@@ -471,7 +452,7 @@ async def _disconnected(request: Request) -> None:
 
 def _ranked(req: RerankRequest, logits: np.ndarray) -> list[tuple[int, float]]:
     """(index, score) best first (ties: input order), the first ``top_n``; sigmoid unless raw scores."""
-    scores = logits.astype(np.float64) if req.raw_scores else 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    scores = logits.astype(np.float64) if req.raw_scores else sigmoid(logits)
     order = np.argsort(-scores, kind="stable")[: req.top_n]
     return [(int(i), float(scores[i])) for i in order]
 

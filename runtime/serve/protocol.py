@@ -198,24 +198,32 @@ def _query(body: dict) -> str:
     return query
 
 
+def _rerank(body: Any, field: str, text_flag: str, default_truncate: bool, max_inputs: int) -> RerankRequest:
+    """The fields both rerank shapes share: ``query``, the passages in ``field``, ``model``, ``top_n``,
+    ``raw_scores``, ``truncate`` (default per route), and the flag ``text_flag`` that echoes the passages."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    query = _query(body)
+    if field not in body:
+        raise bad_request(f"'{field}' is required", field, "missing_field")
+    texts = _passages(body[field], field, max_inputs)
+    truncate = _optional(body, "truncate", bool, "a boolean")
+    return RerankRequest(model=_optional(body, "model", str, "a string"), query=query, texts=texts,
+                         top_n=_top_n(body), raw_scores=bool(_optional(body, "raw_scores", bool, "a boolean")),
+                         return_text=bool(_optional(body, text_flag, bool, "a boolean")),
+                         truncate=default_truncate if truncate is None else truncate, param=field)
+
+
 def parse_tei_rerank(body: Any, max_inputs: int) -> RerankRequest:
     """text-embeddings-inference's ``/rerank`` body: ``query``, ``texts``, ``raw_scores`` (default false: sigmoid),
     ``return_text`` (false), ``truncate`` (false, as in TEI: a pair past max length is refused),
     ``truncation_direction`` ("right"); ``model`` and ``top_n`` as extensions."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    query = _query(body)
-    if "texts" not in body:
-        raise bad_request("'texts' is required", "texts", "missing_field")
-    texts = _passages(body["texts"], "texts", max_inputs)
+    req = _rerank(body, "texts", "return_text", False, max_inputs)
     direction = _optional(body, "truncation_direction", str, '"right"')
     if direction is not None and direction.lower() != "right":
         raise bad_request(f"'truncation_direction' {direction!r} is not supported; only \"right\" (the passage's "
                           "end is cut)", "truncation_direction")
-    return RerankRequest(model=_optional(body, "model", str, "a string"), query=query, texts=texts,
-                         top_n=_top_n(body), raw_scores=bool(_optional(body, "raw_scores", bool, "a boolean")),
-                         return_text=bool(_optional(body, "return_text", bool, "a boolean")),
-                         truncate=bool(_optional(body, "truncate", bool, "a boolean")), param="texts")
+    return req
 
 
 def parse_cohere_rerank(body: Any, max_inputs: int) -> RerankRequest:
@@ -223,17 +231,7 @@ def parse_cohere_rerank(body: Any, max_inputs: int) -> RerankRequest:
     ``{"text": ...}``), ``top_n``, ``return_documents`` (default false); scores are the sigmoid of the logit
     (``relevance_score`` in [0, 1]), ``raw_scores`` as an extension. Pairs past max length are cut on the
     passage side (Cohere truncates long documents); ``truncate: false`` refuses them instead."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    query = _query(body)
-    if "documents" not in body:
-        raise bad_request("'documents' is required", "documents", "missing_field")
-    texts = _passages(body["documents"], "documents", max_inputs)
-    truncate = _optional(body, "truncate", bool, "a boolean")
-    return RerankRequest(model=_optional(body, "model", str, "a string"), query=query, texts=texts,
-                         top_n=_top_n(body), raw_scores=bool(_optional(body, "raw_scores", bool, "a boolean")),
-                         return_text=bool(_optional(body, "return_documents", bool, "a boolean")),
-                         truncate=True if truncate is None else truncate, param="documents")
+    return _rerank(body, "documents", "return_documents", True, max_inputs)
 
 
 def _top_n(body: dict) -> int | None:
