@@ -28,12 +28,19 @@ class Architecture:
     max_positions: int = 512
     family: str = "bert"  # or "xlm-roberta"
     kind: str = "embedder"  # or "reranker" (a sequence-classification head with one label)
+    m3: bool = False  # bge-m3: an XLM-R embedder with its sparse and ColBERT heads (sparse_linear.pt, colbert_linear.pt)
 
 
 def _xlmr_reranker(layers: int, hidden: int, heads: int, intermediate: int, positions: int = 514,
                    vocab: int = XLMR_VOCAB_SIZE) -> Architecture:
     return Architecture(layers, hidden, heads, intermediate, vocab_size=vocab, max_positions=positions,
                         family="xlm-roberta", kind="reranker")
+
+
+def _m3(layers: int, hidden: int, heads: int, intermediate: int, positions: int = 8194,
+        vocab: int = XLMR_VOCAB_SIZE) -> Architecture:
+    return Architecture(layers, hidden, heads, intermediate, vocab_size=vocab, max_positions=positions,
+                        family="xlm-roberta", m3=True)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -44,10 +51,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "bge-reranker-base": _xlmr_reranker(12, 768, 12, 3072),
     "bge-reranker-large": _xlmr_reranker(24, 1024, 16, 4096),
     "bge-reranker-v2-m3": _xlmr_reranker(24, 1024, 16, 4096, positions=8194),
+    # BAAI/bge-m3: XLM-R large, 8192 tokens, dense (CLS) + sparse + ColBERT heads
+    "bge-m3": _m3(24, 1024, 16, 4096),
     # For the test-suite: a few seconds to export.
     "tiny-zh": Architecture(layers=2, hidden=64, heads=4, intermediate=128),
     "tiny-zh-reranker": Architecture(layers=2, hidden=64, heads=4, intermediate=128, kind="reranker"),
     "tiny-xlmr-reranker": _xlmr_reranker(2, 64, 4, 128, vocab=8002),
+    "tiny-m3": _m3(2, 64, 4, 128, positions=1026, vocab=8002),
 }
 
 
@@ -185,12 +195,58 @@ def _materialise_xlmr(name: str, arch: Architecture, directory: Path, seed: int)
         eos_token_id=2, layer_norm_eps=1e-5, num_labels=1, architectures=["XLMRobertaForSequenceClassification"],
     )
     torch.manual_seed(seed)
+    if arch.m3:
+        return _materialise_m3(name, arch, config, directory, seed)
     model = XLMRobertaForSequenceClassification(config).eval()
     _perturb(model)
     _spread_head(model, tok, seed)
     model.save_pretrained(directory, safe_serialization=True)
     _write_random_notice(directory, name, seed)
     return directory
+
+
+def _materialise_m3(name: str, arch: Architecture, config, directory: Path, seed: int) -> Path:
+    """bge-m3's layout: an XLMRobertaModel, its two heads as the state dicts FlagEmbedding loads
+    (``colbert_linear.pt``: Linear H->H, ``sparse_linear.pt``: Linear H->1), and sentence-transformers
+    modules for the dense vector (CLS, normalised), as the published checkpoint has them."""
+    import torch
+    from transformers import XLMRobertaModel
+
+    config.architectures = ["XLMRobertaModel"]
+    model = XLMRobertaModel(config, add_pooling_layer=False).eval()
+    _perturb(model)
+    model.save_pretrained(directory, safe_serialization=True)
+    g = torch.Generator().manual_seed(seed + 3)
+    h = arch.hidden
+    colbert = {"weight": torch.randn(h, h, generator=g) / h ** 0.5, "bias": torch.randn(h, generator=g) * 0.02}
+    # a relu'd projection: the bias keeps about two tokens in three above zero, as the trained head does
+    sparse = {"weight": torch.randn(1, h, generator=g) / h ** 0.5, "bias": torch.full((1,), 0.4)}
+    torch.save(colbert, directory / "colbert_linear.pt")
+    torch.save(sparse, directory / "sparse_linear.pt")
+    _write_st_modules(directory, arch, arch.max_positions - 2)
+    _write_random_notice(directory, name, seed)
+    return directory
+
+
+def _write_st_modules(directory: Path, arch: Architecture, max_seq_length: int) -> None:
+    """sentence-transformers modules as in the BGE checkpoints: CLS pooling, then Normalize."""
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ], indent=2), encoding="utf-8")
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": arch.hidden,
+        "pooling_mode_cls_token": True,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }, indent=2), encoding="utf-8")
+    (directory / "2_Normalize").mkdir(exist_ok=True)
+    (directory / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": arch.family == "bert"}), encoding="utf-8"
+    )
 
 
 def materialise(name: str, directory: Path, seed: int = 0) -> Path:
@@ -241,25 +297,6 @@ def materialise(name: str, directory: Path, seed: int = 0) -> Path:
         model.save_pretrained(directory, safe_serialization=True)
         _write_random_notice(directory, name, seed)
         return directory
-    # sentence-transformers modules as in the BGE checkpoints: CLS pooling, then Normalize
-    (directory / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ], indent=2), encoding="utf-8")
-    (directory / "1_Pooling").mkdir(exist_ok=True)
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": arch.hidden,
-        "pooling_mode_cls_token": True,
-        "pooling_mode_mean_tokens": False,
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-    }, indent=2), encoding="utf-8")
-    (directory / "2_Normalize").mkdir(exist_ok=True)
-    (directory / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": arch.max_positions, "do_lower_case": True}), encoding="utf-8"
-    )
-    (directory / "RANDOM_WEIGHTS").write_text(
-        f"architecture={name} seed={seed}: random weights, for speed and plumbing tests only\n", encoding="utf-8"
-    )
+    _write_st_modules(directory, arch, arch.max_positions)
+    _write_random_notice(directory, name, seed)
     return directory

@@ -22,6 +22,8 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 PAIR_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")  # BERT cross-encoders read segments
 OUTPUT_NAME = "embedding"
 SCORE_NAME = "score"
+SPARSE_NAME = "sparse_weights"  # bge-m3: relu(sparse_linear(h)) per token, [batch, sequence]
+COLBERT_NAME = "colbert_vecs"  # bge-m3: normalise(colbert_linear(h[:, 1:]) * mask), [batch, sequence - 1, dim]
 OPSET = 17
 _SEQ_AXES = {0: "batch", 1: "sequence"}
 
@@ -119,6 +121,29 @@ class PooledEncoder(torch.nn.Module):
         return vec
 
 
+class M3Encoder(torch.nn.Module):
+    """bge-m3's three outputs from one pass, as FlagEmbedding's BGEM3FlagModel computes them: the pooled,
+    normalised dense vector; each token's lexical weight relu(sparse_linear(h)) (the per-id max and the
+    dropping of special tokens happen in the runtime, where the ids are); and the ColBERT vectors
+    normalise(colbert_linear(h[:, 1:]) * mask[:, 1:]) (padding rows come out zero)."""
+
+    def __init__(self, model: torch.nn.Module, pooling: str, normalize: bool,
+                 colbert: torch.nn.Linear, sparse: torch.nn.Linear) -> None:
+        super().__init__()
+        self.encoder = Encoder(model)
+        self.pooling, self.normalize = pooling, normalize
+        self.colbert, self.sparse = colbert, sparse
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.encoder(input_ids, attention_mask)
+        vec = pool(x, attention_mask, self.pooling)
+        if self.normalize:
+            vec = torch.nn.functional.normalize(vec, p=2, dim=1)
+        weights = torch.relu(self.sparse(x))[..., 0]
+        cols = self.colbert(x[:, 1:]) * attention_mask[:, 1:, None].to(x.dtype)
+        return vec, weights, torch.nn.functional.normalize(cols, p=2, dim=-1)
+
+
 class PairScorer(torch.nn.Module):
     """input_ids, attention_mask[, token_type_ids] -> relevance logit per pair, float32 [batch]: the encoder,
     then the checkpoint's own classification head on the first token (BERT: pooler dense + tanh, then the
@@ -141,12 +166,23 @@ class PairScorer(torch.nn.Module):
         return self.out(torch.tanh(self.dense(x[:, 0])))[:, 0]
 
 
-def export_onnx(model: torch.nn.Module, pooling: str, normalize: bool, path: Path, kind: str = "embedder") -> tuple[str, ...]:
-    """Trace the embedder (``PooledEncoder``) or the reranker (``PairScorer``) to ``path`` with dynamic batch
-    and sequence axes; returns the graph's input names."""
+def export_onnx(model: torch.nn.Module, pooling: str, normalize: bool, path: Path, kind: str = "embedder",
+                heads: tuple[torch.nn.Linear, torch.nn.Linear] | None = None) -> tuple[str, ...]:
+    """Trace the embedder (``PooledEncoder``; with bge-m3's ``heads`` (colbert, sparse): ``M3Encoder``) or the
+    reranker (``PairScorer``) to ``path`` with dynamic batch and sequence axes; returns the input names."""
     names = input_names(model, kind)
-    wrapper = (PairScorer(model) if kind == "reranker" else PooledEncoder(model, pooling, normalize)).eval()
-    output = SCORE_NAME if kind == "reranker" else OUTPUT_NAME
+    axes: dict[str, dict[int, str]] = {}
+    if kind == "reranker":
+        wrapper: torch.nn.Module = PairScorer(model)
+        outputs = [SCORE_NAME]
+    elif heads is not None:
+        wrapper = M3Encoder(model, pooling, normalize, *heads)
+        outputs = [OUTPUT_NAME, SPARSE_NAME, COLBERT_NAME]
+        axes = {SPARSE_NAME: _SEQ_AXES, COLBERT_NAME: {0: "batch", 1: "sequence_after_first"}}
+    else:
+        wrapper = PooledEncoder(model, pooling, normalize)
+        outputs = [OUTPUT_NAME]
+    wrapper.eval()
     ids = torch.full((2, 8), 5, dtype=torch.long)
     mask = torch.ones((2, 8), dtype=torch.long)
     mask[1, 5:] = 0
@@ -163,8 +199,8 @@ def export_onnx(model: torch.nn.Module, pooling: str, normalize: bool, path: Pat
             str(path),
             dynamo=False,  # the TorchScript exporter yields the node patterns ORT's BERT fusions match
             input_names=list(names),
-            output_names=[output],
-            dynamic_axes={**{n: _SEQ_AXES for n in names}, output: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={**{n: _SEQ_AXES for n in names}, outputs[0]: {0: "batch"}, **axes},
             opset_version=OPSET,
             do_constant_folding=True,
         )

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import onnx_io
 from .int8_graph import activation_qparams
 
 QUANT_OPS = ("MatMul", "Attention")
@@ -96,14 +97,15 @@ def calibrate(model_path: Path, feeds: list[dict[str, np.ndarray]], keep_batches
     for name in names:
         model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     probe_path = model_path.with_name(model_path.name + ".calibration.onnx")
-    onnx.save_model(model, str(probe_path))
+    probe_files = onnx_io.save(model, probe_path, keep=False)  # past 2 GiB (bge-m3 FP32): with external data
     del model
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
         sess = ort.InferenceSession(str(probe_path), opts, providers=["CPUExecutionProvider"])
     finally:
-        probe_path.unlink(missing_ok=True)
+        for f in probe_files:
+            f.unlink(missing_ok=True)
     rng = np.random.default_rng(0)
     ch_min: dict[str, np.ndarray] = {}
     ch_max: dict[str, np.ndarray] = {}

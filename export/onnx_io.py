@@ -14,8 +14,9 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def save(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Write ``model`` to ``path``; return every file written (the graph first)."""
+def save(model: onnx.ModelProto, path: Path, keep: bool = True) -> list[Path]:
+    """Write ``model`` to ``path``; return every file written (the graph first). ``keep=False``: the caller
+    drops ``model`` next, so weights moved to external data are not read back into it."""
     data_name = path.name + ".data"
     if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
@@ -26,6 +27,10 @@ def save(model: onnx.ModelProto, path: Path) -> list[Path]:
             location=data_name,
             size_threshold=1024,
         )
+        # saving moved the weights out of ``model`` (its tensors now point at the file): read them back, so
+        # the caller's model stays whole for the FP16 conversion that follows (same memory as before the save)
+        if keep:
+            onnx.load_external_data_for_model(model, str(path.parent))
         return [path, path.with_name(data_name)]
     onnx.save_model(model, str(path))
     return [path]

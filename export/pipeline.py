@@ -15,13 +15,14 @@ import numpy as np
 
 from runtime.errors import EmbedderError
 from runtime.integrity import sha256_file
-from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest, PairFormat, Parity, Source, Variant
+from runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, FileEntry, M3Heads, Manifest, PairFormat, Parity, Source,
+                              Variant)
 
 from . import graph, onnx_io, optimize, precision, probes, quantize
 from .report import Progress, Row
 from .source import ModelSpec
 from .labelled import QUALITY_GATES, LabelledPairs, pair_spearman, spearman
-from .validate import GATES, parity, ranking_figures, ranking_gates, ranking_passes
+from .validate import GATES, M3_GATES, m3_figures, m3_passes, parity, ranking_figures, ranking_gates, ranking_passes
 
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 FILENAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
@@ -129,12 +130,15 @@ def run_export(
     labelled: LabelledPairs | None = None,
 ) -> ExportResult:
     """Build every requested variant into ``stage``; the caller publishes ``stage`` as ``out``."""
-    from .reference import ReferenceEmbedder, ReferenceReranker, load_model, load_tokenizer
+    from .reference import ReferenceEmbedder, ReferenceM3, ReferenceReranker, load_m3_heads, load_model, load_tokenizer
 
     cfg = spec.config
     layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
     reranker = spec.kind == "reranker"
     groups = probes.rerank_groups() if reranker else []
+    m3_heads = None
+    m3_reference: tuple[list[dict[int, float]], list[np.ndarray]] | None = None
+    skip_ids: tuple[int, ...] = ()
     what = (f"reference scores of {sum(map(len, groups))} probe pairs" if reranker
             else f"reference vectors on {len(probes.PROBES)} probe texts")
     with tempfile.TemporaryDirectory(prefix="bge-export-") as tmp:
@@ -152,15 +156,23 @@ def run_export(
             else:
                 ref_embedder = ReferenceEmbedder(spec, model=model, tokenizer=tokenizer)
                 reference = ref_embedder.embed(list(probes.PROBES))
+                if spec.m3:
+                    m3_heads = load_m3_heads(spec)
+                    ref_m3 = ReferenceM3(spec, model=model, tokenizer=tokenizer, heads=m3_heads)
+                    _, ref_lexical, ref_colbert = ref_m3.encode(list(probes.PROBES))
+                    m3_reference = (ref_lexical, ref_colbert)
+                    skip_ids = tuple(sorted(ref_m3.skip))
+                    del ref_m3
                 if labelled is not None:
                     quality_ref = pair_spearman(ref_embedder.embed(labelled.texts, batch_size=32), labelled)
                 del ref_embedder
             if quality_ref is not None:
                 progress.say(f"      reference Spearman on {labelled.name}: {quality_ref:.5f}")  # type: ignore[union-attr]
-        inside = "the classification head inside: one logit per pair" if reranker else "pooling and normalisation inside"
+        inside = ("the classification head inside: one logit per pair" if reranker
+                  else "dense, sparse and ColBERT outputs" if spec.m3 else "pooling and normalisation inside")
         with progress.step(f"exporting the ONNX graph ({inside})"):
             traced = work / "traced.onnx"
-            names = graph.export_onnx(model, spec.pooling, spec.normalize, traced, kind=spec.kind)
+            names = graph.export_onnx(model, spec.pooling, spec.normalize, traced, kind=spec.kind, heads=m3_heads)
             del model
         with progress.step("fusing with onnxruntime's transformer optimizer"):
             fused, fused_counts = optimize.fuse(traced, heads=heads, hidden=hidden, layers=layers)
@@ -230,6 +242,8 @@ def run_export(
         kind=spec.kind,
         pair=PairFormat(query_max_length=spec.query_max_length, token_type_ids="token_type_ids" in names)
         if reranker else None,
+        m3=M3Heads(sparse_output=graph.SPARSE_NAME, colbert_output=graph.COLBERT_NAME,
+                   colbert_dim=int(m3_heads[0].out_features), skip_token_ids=skip_ids) if m3_heads is not None else None,
     )
     (stage / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
 
@@ -240,7 +254,7 @@ def run_export(
                 row, par = _validate_reranker(stage, name, variants[name], groups, reference, labelled, quality_ref,
                                               spec.random_weights)
             else:
-                row, par = _validate(stage, name, variants[name], reference, labelled, quality_ref)
+                row, par = _validate(stage, name, variants[name], reference, labelled, quality_ref, m3_reference)
             rows.append(row)
             if row.status != "FAIL":
                 checked[name] = replace(variants[name], parity=par)
@@ -262,7 +276,10 @@ def _validate(
     reference: np.ndarray,
     labelled: LabelledPairs | None,
     quality_ref: float | None,
+    m3_reference: tuple[list[dict[int, float]], list[np.ndarray]] | None = None,
 ) -> tuple[Row, Parity]:
+    """Dense vectors: min cosine to the reference's over the probe texts (and the Spearman share with labelled
+    pairs). bge-m3: also the sparse and ColBERT outputs (``validate.m3_figures``), gated by ``M3_GATES``."""
     from runtime import Embedder
 
     gate = GATES[name]
@@ -274,6 +291,8 @@ def _validate(
             emb = Embedder(stage, device=device, precision=name)
             vectors = emb.embed(list(probes.PROBES), batch_size=8)
             labelled_vectors = emb.embed(labelled.texts, batch_size=32) if labelled is not None else None
+            heads_out = (emb.encode(list(probes.PROBES), batch_size=8, dense=False, sparse=True, colbert=True)
+                         if m3_reference is not None else None)
     except (EmbedderError, RuntimeError) as exc:
         if name != "fp16":
             raise
@@ -282,6 +301,11 @@ def _validate(
         return Row(name, variant.model_file, size, None, None, None, gate, note), par
     fig = parity(vectors, reference)
     passed = fig.min_cosine >= gate
+    m3: dict[str, Any] = {}
+    if heads_out is not None and m3_reference is not None:
+        m3 = m3_figures(heads_out.sparse, heads_out.colbert, *m3_reference)  # type: ignore[arg-type]
+        passed = passed and m3_passes(name, m3)
+        m3["gates"] = M3_GATES[name]
     quality: dict[str, Any] = {}
     if labelled is not None and labelled_vectors is not None and quality_ref is not None:
         rho = pair_spearman(labelled_vectors, labelled)
@@ -305,6 +329,7 @@ def _validate(
         device=device,
         note="" if device == "cuda" or name != "fp16" else "validated on the CPU provider; intended for CUDA",
         quality=quality,
+        m3=m3,
     )
     status = "pass" if passed else "FAIL"
     row = Row(name, variant.model_file, size, fig.min_cosine, fig.mean_cosine, fig.max_abs_diff, gate, status,

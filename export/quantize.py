@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from . import int8_plan as plan_
+from . import onnx_io
 from .int8_graph import make_activations_static
 
 CALIBRATION_FILE = Path(__file__).resolve().parent / "calibration.txt"
@@ -132,7 +133,7 @@ def quantize_int8(
     try:
         while True:
             model, ranges, side = plan_.build(fp32_path, cal, plan)
-            onnx.save_model(model, str(prepared))
+            onnx_io.save(model, prepared, keep=False)
             del model
             quantize_dynamic(
                 prepared,
@@ -163,7 +164,8 @@ def quantize_int8(
             else:
                 break
     finally:
-        prepared.unlink(missing_ok=True)
+        for f in (prepared, prepared.with_name(prepared.name + ".data")):
+            f.unlink(missing_ok=True)
     median = float(np.median(list(errors.values())))
     count = lambda role: sum(1 for r in roles.values() if r == role)  # noqa: E731
     return {

@@ -36,6 +36,19 @@ def load_model(spec: ModelSpec, attn_implementation: str = "sdpa"):
     return model.eval()
 
 
+def load_m3_heads(spec: ModelSpec) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    """bge-m3's (colbert_linear, sparse_linear) as FlagEmbedding loads them: state dicts read with
+    ``weights_only=True`` (no pickled code runs), shapes taken from the tensors."""
+    heads = []
+    for name in ("colbert_linear.pt", "sparse_linear.pt"):
+        state = torch.load(spec.path / name, map_location="cpu", weights_only=True)
+        out_dim, in_dim = state["weight"].shape
+        layer = torch.nn.Linear(in_dim, out_dim)
+        layer.load_state_dict(state)
+        heads.append(layer.eval())
+    return heads[0], heads[1]
+
+
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
@@ -72,6 +85,48 @@ class ReferenceEmbedder:
                 vec = torch.nn.functional.normalize(vec, p=2, dim=1)
             out.append(vec.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
+
+
+class ReferenceM3:
+    """bge-m3 as FlagEmbedding's BGEM3FlagModel computes it (transformers' encoder + the two heads): per text
+    the dense vector, the lexical weights {token id: max weight} without cls/eos/pad/unk and weights <= 0,
+    and the ColBERT matrix (the first ``tokens - 1`` rows)."""
+
+    def __init__(self, spec: ModelSpec, model=None, tokenizer=None, heads=None) -> None:
+        self.spec = spec
+        self.model = model if model is not None else load_model(spec)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+        self.colbert, self.sparse = heads if heads is not None else load_m3_heads(spec)
+        t = self.tokenizer
+        self.skip = {t.convert_tokens_to_ids(getattr(t, k)) for k in ("cls_token", "eos_token", "pad_token", "unk_token")
+                     if getattr(t, k, None) is not None}
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 8, max_length: int | None = None
+               ) -> tuple[np.ndarray, list[dict[int, float]], list[np.ndarray]]:
+        self.model.eval()
+        dense, lexical, colbert = [], [], []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
+                                 max_length=max_length or self.spec.max_length, return_tensors="pt")
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            vec = pool(hidden, mask, self.spec.pooling)
+            if self.spec.normalize:
+                vec = torch.nn.functional.normalize(vec, p=2, dim=1)
+            dense.append(vec.numpy())
+            weights = torch.relu(self.sparse(hidden))[..., 0].numpy()
+            cols = self.colbert(hidden[:, 1:]) * mask[:, 1:, None].float()
+            cols = torch.nn.functional.normalize(cols, dim=-1).numpy()
+            for row in range(len(ids)):
+                n = int(mask[row].sum())
+                lw: dict[int, float] = {}
+                for tok, w in zip(ids[row, :n].tolist(), weights[row, :n].tolist()):
+                    if tok not in self.skip and w > 0 and w > lw.get(tok, 0.0):
+                        lw[tok] = w
+                lexical.append(lw)
+                colbert.append(cols[row, : n - 1])
+        return np.concatenate(dense), lexical, colbert
 
 
 def pair_template(tokenizer) -> tuple[list[int], list[int], list[int], list[int]]:

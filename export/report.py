@@ -9,6 +9,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 
+def _peak_gib() -> float:
+    """The process's peak resident memory (Linux reports KiB): printed after each step, so the step that
+    raised it shows, and a user can size the machine an export needs."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 class Progress:
     def __init__(self, total: int, stream=None) -> None:
         self.total = total
@@ -21,7 +29,8 @@ class Progress:
         print(f"[{self.done}/{self.total}] {what} ...", file=self.stream, flush=True)
         start = time.perf_counter()
         yield
-        print(f"      done in {time.perf_counter() - start:.1f}s", file=self.stream, flush=True)
+        print(f"      done in {time.perf_counter() - start:.1f}s (process peak memory so far {_peak_gib():.1f} GiB)",
+              file=self.stream, flush=True)
 
     def say(self, message: str) -> None:
         print(message, file=self.stream, flush=True)

@@ -26,7 +26,10 @@ _HUB_PATTERNS = [
     "config_sentence_transformers.json",
     "1_Pooling/config.json",
     "sentencepiece.bpe.model",  # XLM-R tokenizers without tokenizer.json
+    "colbert_linear.pt",  # bge-m3's heads (state dicts, loaded with weights_only=True)
+    "sparse_linear.pt",
 ]
+M3_HEADS = ("colbert_linear.pt", "sparse_linear.pt")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class ModelSpec:
     config: dict[str, Any] = field(default_factory=dict)
     kind: str = "embedder"  # or "reranker": a cross-encoder (...ForSequenceClassification, one label)
     query_max_length: int = 0  # rerankers: the query's own tokens are cut to this (FlagReranker: 3/4 of max)
+    m3: bool = False  # bge-m3: colbert_linear.pt and sparse_linear.pt beside the encoder become extra outputs
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -166,7 +170,7 @@ def resolve(
             raise SourceModelError(f"--random-init must be one of {sorted(ARCHITECTURES)}, got {random_init!r}")
         path = materialise(random_init, workdir / "random-checkpoint", seed=seed)
         name, rev, local, random = random_init, None, True, True
-        if query_instruction is None and ARCHITECTURES[random_init].kind == "embedder":
+        if query_instruction is None and ARCHITECTURES[random_init].kind == "embedder" and not ARCHITECTURES[random_init].m3:
             query_instruction = BGE_ZH_INSTRUCTION  # every built-in embedder architecture is a BGE zh one
     elif Path(model).expanduser().is_dir():
         path, name, rev, local = Path(model).expanduser().resolve(), model, None, True
@@ -183,9 +187,14 @@ def resolve(
     if config.get("model_type") not in MODEL_TYPES:
         raise SourceModelError(
             f"{name} is a {config.get('model_type')!r} model; this exporter supports BERT encoders (the BGE zh/en "
-            "v1.5 family, MiniLM, BERT cross-encoders) and XLM-RoBERTa cross-encoders (bge-reranker)"
+            "v1.5 family, MiniLM, BERT cross-encoders) and XLM-RoBERTa (bge-m3, bge-reranker)"
         )
     kind = detect_kind(config, name)
+    heads = [h for h in M3_HEADS if (path / h).is_file()]
+    if heads and len(heads) != len(M3_HEADS):
+        raise SourceModelError(f"{path} has {heads[0]} but not {set(M3_HEADS) - set(heads)}; a bge-m3 checkpoint "
+                               "needs both heads (download them beside config.json)")
+    m3 = bool(heads) and kind == "embedder"
     if not any(path.glob("*.safetensors")):
         raise SourceModelError(
             f"{path} has no .safetensors weights; this exporter loads safetensors only (pickled .bin files can run "
@@ -224,4 +233,5 @@ def resolve(
         config=config,
         kind=kind,
         query_max_length=q_length,
+        m3=m3,
     )

@@ -92,3 +92,56 @@ def ranking_passes(name: str, fig: dict[str, float]) -> bool:
 
 def ranking_gates(name: str) -> dict[str, float]:
     return {"max_abs_logit_diff": LOGIT_GATES[name]} if name in LOGIT_GATES else dict(RANK_GATES)
+
+
+# -- bge-m3's sparse and ColBERT outputs ---------------------------------------------------------------------
+# Gated on what each output is used for: the lexical matching score between texts and which tokens weigh most,
+# the ColBERT late-interaction score between texts, and each ColBERT vector's direction. The scores are taken
+# over every pair of probe texts (each text against each, itself included). FP32 must match the reference;
+# FP16 and INT8 within what their rounding allows for ranking.
+M3_GATES = {
+    "fp32": {"min_colbert_cosine": 0.9999, "max_lexical_score_error": 1e-3, "max_colbert_score_error": 1e-4,
+             "mean_top10_token_overlap": 0.99},
+    "fp16": {"min_colbert_cosine": 0.995, "max_lexical_score_error": 0.02, "max_colbert_score_error": 0.005,
+             "mean_top10_token_overlap": 0.9},
+    "int8": {"min_colbert_cosine": 0.9, "max_lexical_score_error": 0.1, "max_colbert_score_error": 0.03,
+             "mean_top10_token_overlap": 0.8},
+}
+_M3_MAX = ("max_lexical_score_error", "max_colbert_score_error")
+
+
+def m3_figures(lexical: list[dict[int, float]], colbert: list[np.ndarray],
+               ref_lexical: list[dict[int, float]], ref_colbert: list[np.ndarray]) -> dict[str, float]:
+    """Agreement of the sparse and ColBERT outputs with the reference over the probe texts. Lexical score
+    error is relative to the largest reference score (a text against itself), so it reads the same at any
+    weight scale; ColBERT scores are already on the cosine scale."""
+    from runtime.m3 import colbert_score, lexical_score
+
+    n = len(ref_lexical)
+    lex = np.array([[lexical_score(lexical[i], lexical[j]) for j in range(n)] for i in range(n)])
+    lex_ref = np.array([[lexical_score(ref_lexical[i], ref_lexical[j]) for j in range(n)] for i in range(n)])
+    col = np.array([[colbert_score(colbert[i], colbert[j]) for j in range(n)] for i in range(n)])
+    col_ref = np.array([[colbert_score(ref_colbert[i], ref_colbert[j]) for j in range(n)] for i in range(n)])
+    overlaps = []
+    for a, b in zip(lexical, ref_lexical):
+        k = min(10, len(b))
+        if k:
+            top = lambda d: set(sorted(d, key=d.get, reverse=True)[:k])  # noqa: E731
+            overlaps.append(len(top(a) & top(b)) / k)
+    cosines = [float(cosine_rows(a, b).min()) if a.shape == b.shape and len(a) else (1.0 if a.shape == b.shape else -1.0)
+               for a, b in zip(colbert, ref_colbert)]
+    scale = max(float(np.abs(lex_ref).max()), 1e-12)
+    finite = bool(np.isfinite(lex).all() and np.isfinite(col).all())
+    return {
+        "texts": n,
+        "min_colbert_cosine": min(cosines) if finite else -1.0,
+        "max_colbert_score_error": float(np.abs(col - col_ref).max()) if finite else float("inf"),
+        "max_lexical_score_error": float(np.abs(lex - lex_ref).max() / scale) if finite else float("inf"),
+        "mean_top10_token_overlap": float(np.mean(overlaps)) if overlaps else 1.0,
+        "mean_tokens_per_text": float(np.mean([len(d) for d in ref_lexical])),
+    }
+
+
+def m3_passes(name: str, fig: dict[str, float]) -> bool:
+    gates = M3_GATES[name]
+    return all(fig[k] <= v if k in _M3_MAX else fig[k] >= v for k, v in gates.items())

@@ -10,7 +10,8 @@ import numpy as np
 
 from .batching import make_batches
 from .chunking import DEFAULT_OVERLAP, LONG_TEXT_MODES, Chunks, check_overlap, plan_windows, pool_windows
-from .errors import InputTooLongError, InvalidOutputError
+from .errors import ArtifactError, InputTooLongError, InvalidOutputError
+from .m3 import M3Output, lexical_weights
 from .progress import Progress
 from .session import _AUTO_ORDER, ModelSession, check_texts
 
@@ -192,6 +193,104 @@ class Embedder(ModelSession):
             if progress is not None:
                 progress.close()
         return out
+
+    # -- bge-m3: dense, sparse and ColBERT from one run ------------------------------------------
+    @property
+    def has_m3_heads(self) -> bool:
+        """Whether the graph also gives bge-m3's sparse (lexical) and ColBERT outputs."""
+        return self._manifest.m3 is not None
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        batch_size: int | None = None,
+        *,
+        dense: bool = True,
+        sparse: bool = False,
+        colbert: bool = False,
+        max_length: int | None = None,
+        long_text: str | None = None,
+        show_progress: bool = False,
+    ) -> M3Output:
+        """bge-m3's outputs of ``texts`` from one graph run per batch (``M3Output``, input order): the dense
+        vectors (``embed``'s), the lexical weights and the ColBERT matrices, each only when asked for (the
+        others are not fetched). ``max_length`` cuts texts shorter than the manifest's (BGEM3FlagModel's
+        ``max_length``); a text past it is cut with a ``TruncationWarning`` or refused (``long_text="error"``).
+        Sparse and ColBERT need an artifact exported from a bge-m3 checkpoint (``has_m3_heads``)."""
+        heads = self._manifest.m3
+        if (sparse or colbert) and heads is None:
+            raise ArtifactError(
+                f"{self._root} ({self._manifest.source.model}) has no sparse or ColBERT outputs; only artifacts "
+                "exported from a bge-m3 checkpoint (with colbert_linear.pt and sparse_linear.pt) have them. "
+                "Use embed() for its dense vectors"
+            )
+        if not (dense or sparse or colbert):
+            raise ValueError("ask for at least one output: dense, sparse or colbert")
+        mode = _resolve_long_text(None, long_text)
+        if mode == "chunk":
+            raise ValueError("long_text='chunk' pools dense windows; encode() takes 'truncate' or 'error' "
+                             "(use embed(..., long_text='chunk') for chunked dense vectors)")
+        batch_size = self._check_call(texts, batch_size)
+        limit = self.max_length if max_length is None else int(max_length)
+        if not 2 <= limit <= self.max_length:
+            raise ValueError(f"max_length must be between 2 and the artifact's {self.max_length}, got {max_length!r}")
+        rows = self._rows_within(texts, limit, mode)
+        names = ([self._output_name] if dense else []) + ([heads.sparse_output] if sparse and heads else []) \
+            + ([heads.colbert_output] if colbert and heads else [])
+        n = len(rows)
+        vectors = np.empty((n, self.dim), dtype=np.float32) if dense else None
+        lexical: list[dict[int, float]] | None = [{} for _ in range(n)] if sparse else None
+        matrices: list[np.ndarray] | None = [np.empty((0, 0), np.float32)] * n if colbert else None
+        skip = np.array(heads.skip_token_ids if heads else (), dtype=np.int64)
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
+        progress = Progress(int(lengths.sum()), n, np.arange(n)) if show_progress else None
+        batches = make_batches(rows, lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
+                               pad_multiple=self._pad_multiple, max_length=self.max_length)
+        try:
+            for batch, outs in self._run_batches(batches, outputs=tuple(names)):
+                got = dict(zip(names, outs))
+                if vectors is not None:
+                    self._check_output(got[self._output_name], batch.indices)
+                    vectors[batch.indices] = got[self._output_name]
+                for r, i in enumerate(batch.indices):
+                    length = int(lengths[i])
+                    if lexical is not None and heads is not None:
+                        w = got[heads.sparse_output][r, :length]
+                        self._check_finite(w, int(i))
+                        lexical[i] = lexical_weights(batch.input_ids[r, :length], w, skip)
+                    if matrices is not None and heads is not None:
+                        m = got[heads.colbert_output][r, : length - 1].copy()
+                        self._check_finite(m, int(i))
+                        matrices[i] = m
+                if progress is not None:
+                    progress.update(batch.indices, int(lengths[batch.indices].sum()))
+        finally:
+            if progress is not None:
+                progress.close()
+        return M3Output(dense=vectors, sparse=lexical, colbert=matrices)
+
+    def _rows_within(self, texts: Sequence[str], limit: int, mode: str) -> list[list[int]]:
+        """Token rows of ``texts`` cut to ``limit`` tokens as the tokenizer's own truncation cuts them (the
+        content shortened, the closing special tokens kept); warns or raises for texts past it."""
+        encoded = self.tokenize(texts)
+        suffix = self._tokenizer.suffix
+        long = sorted(set(encoded.truncated) | {i for i, r in enumerate(encoded.ids) if len(r) > limit})
+        if long and mode == "error":
+            i = long[0]
+            if len(texts[i]) > self._tokenizer.max_chars:
+                raise InputTooLongError(i, limit + 1, limit, at_least=True)
+            raise InputTooLongError(i, self.count_tokens(texts[i]), limit)
+        if long:
+            warnings.warn(TruncationWarning(len(long), long, limit), stacklevel=3)
+        return [r if len(r) <= limit else r[: limit - len(suffix)] + suffix for r in encoded.ids]
+
+    def _check_finite(self, values: np.ndarray, index: int) -> None:
+        if not np.isfinite(values).all():
+            raise InvalidOutputError(index, "NaN or inf in the sparse or ColBERT output", self._precision)
+
+    def lexical_tokens(self, weights: dict[int, float]) -> dict[str, float]:
+        """Lexical weights keyed by token text instead of id (BGEM3FlagModel's ``convert_id_to_token``)."""
+        return {self._tokenizer.decode_id(t): w for t, w in weights.items()}
 
     def embed_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Embed one pre-tokenised, padded batch (int64 ``[n, length]`` ids and 0/1 mask), as one run.

@@ -47,6 +47,9 @@ class Parity:
     # rerankers: agreement of the ranking of each probe query's passages with the reference's (Kendall tau,
     # top-k overlap), the sigmoid score error and the gates (cosine does not apply to a scalar score)
     ranking: Mapping[str, Any] = field(default_factory=dict)
+    # bge-m3: agreement of the sparse and ColBERT outputs (lexical and ColBERT scores between the probe texts,
+    # top-10 token overlap, ColBERT vector cosine) and their gates
+    m3: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,20 @@ class PairFormat:
 
 
 @dataclass(frozen=True)
+class M3Heads:
+    """bge-m3's two extra graph outputs beside the dense vector (FlagEmbedding's BGEM3FlagModel formulas).
+    ``sparse_output``: float32 ``[batch, sequence]``, each token's lexical weight relu(sparse_linear(h)); a
+    text's lexical weights are the max per token id over its real tokens, ``skip_token_ids`` (cls, eos, pad,
+    unk) and weights <= 0 dropped. ``colbert_output``: float32 ``[batch, sequence - 1, colbert_dim]``, the
+    normalised ColBERT vector of every token after the first; a text of n tokens keeps the first n - 1 rows."""
+
+    sparse_output: str
+    colbert_output: str
+    colbert_dim: int
+    skip_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     source: Source
@@ -115,6 +132,8 @@ class Manifest:
     # have no kind and are embedders.
     kind: str = "embedder"
     pair: PairFormat | None = None
+    # bge-m3: the sparse (lexical) and ColBERT outputs of the same graph; None for every other model
+    m3: M3Heads | None = None
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +143,10 @@ class Manifest:
             v["files"] = list(v["files"])
         if d["pair"] is None:
             del d["pair"]
+        if d["m3"] is None:
+            del d["m3"]
+        else:
+            d["m3"]["skip_token_ids"] = list(self.m3.skip_token_ids)  # type: ignore[union-attr]
         return d
 
     def to_json(self) -> str:
@@ -168,6 +191,7 @@ class Manifest:
                 created_at=d.get("created_at", ""),
                 kind=d.get("kind", "embedder"),
                 pair=_pair(d.get("pair")),
+                m3=_m3(d.get("m3")),
             )
         except (KeyError, TypeError) as exc:
             raise ArtifactError(
@@ -187,6 +211,8 @@ class Manifest:
                 raise ArtifactError(f"manifest pair format {self.pair} is not supported by this runtime")
             if not 1 <= self.pair.query_max_length < self.max_length:
                 raise ArtifactError("manifest pair query_max_length must be between 1 and max_length - 1")
+        if self.m3 is not None and (self.kind != "embedder" or self.m3.colbert_dim < 1):
+            raise ArtifactError("manifest m3 heads belong to an embedder with a colbert_dim >= 1; re-export the artifact")
         if self.pooling not in POOLINGS:
             raise ArtifactError(f"manifest pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.max_length < 2 or self.dimension < 1:
@@ -216,6 +242,13 @@ class Manifest:
         if not isinstance(data, dict):
             raise ArtifactError(f"{path} is not a JSON object; re-export the artifact")
         return cls.from_dict(data)
+
+
+def _m3(d: Mapping[str, Any] | None) -> M3Heads | None:
+    if d is None:
+        return None
+    return M3Heads(sparse_output=d["sparse_output"], colbert_output=d["colbert_output"],
+                   colbert_dim=int(d["colbert_dim"]), skip_token_ids=tuple(int(i) for i in d["skip_token_ids"]))
 
 
 def _pair(d: Mapping[str, Any] | None) -> PairFormat | None:

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -252,21 +253,36 @@ class ModelSession:
             self._session.run_with_iobinding(binding)
         return out if out.dtype == np.float32 else out.astype(np.float32)
 
+    def _run_named(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        """One graph run fetching the outputs ``names`` (bge-m3's dense, sparse and ColBERT outputs), float32.
+        onnxruntime allocates them: their shapes depend on the batch's length."""
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        with self._run_slots:
+            outs = self._session.run(list(names), feed)
+        return [o if o.dtype == np.float32 else o.astype(np.float32) for o in outs]
+
     def _run_batches(
-        self, batches: Iterator[Batch], types: Callable[[Batch], np.ndarray | None] | None = None
-    ) -> Iterator[tuple[Batch, np.ndarray]]:
-        """Each batch with its output, in order (``types`` gives a batch's segment ids, for pair models). With
+        self, batches: Iterator[Batch], types: Callable[[Batch], np.ndarray | None] | None = None,
+        outputs: tuple[str, ...] | None = None,
+    ) -> Iterator[tuple[Batch, Any]]:
+        """Each batch with its output, in order (``types`` gives a batch's segment ids, for pair models;
+        ``outputs`` names several graph outputs to fetch, and each batch then comes with their list). With
         ``workers`` > 1 (CPU), up to ``workers`` batches run at once from a thread pool, and at most one more
         is padded ahead (memory stays a few batches)."""
+
+        def run(batch: Batch) -> Any:
+            if outputs is not None:
+                return self._run_named(batch.input_ids, batch.attention_mask, outputs)
+            return self._run(batch.input_ids, batch.attention_mask, types(batch) if types else None)
+
         if self._workers == 1 or self._device != "cpu":
             for batch in batches:
-                yield batch, self._run(batch.input_ids, batch.attention_mask, types(batch) if types else None)
+                yield batch, run(batch)
             return
         pool = self._pool()
         window: deque[tuple[Batch, Future]] = deque()
         for batch in batches:
-            window.append((batch, pool.submit(self._run, batch.input_ids, batch.attention_mask,
-                                              types(batch) if types else None)))
+            window.append((batch, pool.submit(run, batch)))
             if len(window) > self._workers:
                 done, future = window.popleft()
                 yield done, future.result()

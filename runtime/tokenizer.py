@@ -139,3 +139,8 @@ class TextTokenizer:
     def count_tokens(self, text: str) -> int:
         """Length of ``text`` with special tokens and without truncation (``encode_batch``: it releases the GIL)."""
         return len(self._full.encode_batch([text], add_special_tokens=True)[0].ids)
+
+    def decode_id(self, token_id: int) -> str:
+        """The text of one token id, as ``tokenizer.decode([id])`` gives it (SentencePiece's word-start
+        mark becomes nothing; a special token decodes to itself)."""
+        return self._full.decode([int(token_id)], skip_special_tokens=False)

@@ -125,3 +125,19 @@ def trained_reranker(trained_cross_encoder, tmp_path_factory) -> Path:
     out = root / "minilm-reranker"
     _export(["--model", str(trained_cross_encoder), "--out", str(out), "--validate-with", str(held_out)])
     return out
+
+
+# -- bge-m3 (dense + sparse + ColBERT) -------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def m3_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random XLM-R with bge-m3's two heads saved as colbert_linear.pt and sparse_linear.pt."""
+    from export.architectures import materialise
+
+    return materialise("tiny-m3", tmp_path_factory.mktemp("ckpt") / "tiny-m3", seed=5)
+
+
+@pytest.fixture(scope="session")
+def m3_artifact(m3_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "tiny-m3"
+    _export(["--model", str(m3_checkpoint), "--out", str(out)])
+    return out

@@ -1,7 +1,8 @@
 """Drop-ins for code written against other libraries: change one import, keep the calls.
 
 - ``FlagModel`` and ``FlagReranker`` (FlagEmbedding's, the BGE model cards' own library):
-  ``runtime.compat.flagembedding``.
+  ``runtime.compat.flagembedding``; ``BGEM3FlagModel`` (bge-m3's dense, sparse and ColBERT outputs):
+  ``runtime.compat.bge_m3``.
 - ``BGEOnnxEmbeddings`` (a LangChain ``Embeddings``) and ``BGEOnnxCrossEncoder`` (a LangChain
   ``BaseCrossEncoder``, for ``CrossEncoderReranker``): ``runtime.compat.langchain``, extra ``langchain``.
 - ``BGEOnnxEmbedding`` (a LlamaIndex ``BaseEmbedding``) and ``BGEOnnxRerank`` (a LlamaIndex node
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .bge_m3 import BGEM3FlagModel
 from .flagembedding import FlagModel, FlagReranker
 
 _LAZY = {"BGEOnnxEmbeddings": ".langchain", "BGEOnnxCrossEncoder": ".langchain", "BGEOnnxEmbedding": ".llamaindex",
          "BGEOnnxRerank": ".llamaindex"}
 
-__all__ = ["BGEOnnxCrossEncoder", "BGEOnnxEmbedding", "BGEOnnxEmbeddings", "BGEOnnxRerank", "FlagModel", "FlagReranker"]
+__all__ = ["BGEM3FlagModel", "BGEOnnxCrossEncoder", "BGEOnnxEmbedding", "BGEOnnxEmbeddings", "BGEOnnxRerank", "FlagModel", "FlagReranker"]
 
 
 def __getattr__(name: str) -> Any:

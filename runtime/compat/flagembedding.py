@@ -146,16 +146,11 @@ class FlagModel:
 
     def _embed(self, texts: list[str], batch_size: int, max_length: int) -> np.ndarray:
         """As FlagEmbedding: cut at ``max_length`` tokens (special tokens included) without a fuss."""
-        emb = self.model
-        if max_length >= emb.max_length:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", category=TruncationWarning)  # FlagEmbedding cuts silently
-                return emb.embed(texts, batch_size=batch_size)
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for the special tokens), got {max_length}")
-        suffix = emb._tokenizer.suffix
-        rows = [r if len(r) <= max_length else r[: max_length - len(suffix)] + suffix for r in emb.tokenize(texts).ids]
-        return emb._embed_rows(rows, np.arange(len(rows)), len(rows), batch_size, show_progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=TruncationWarning)  # FlagEmbedding cuts silently
+            return self.model.encode(texts, batch_size=batch_size, max_length=min(max_length, self.model.max_length)).dense
 
     def __repr__(self) -> str:
         emb = self.model
