@@ -269,6 +269,30 @@ class Embedder(ModelSession):
                 progress.close()
         return M3Output(dense=vectors, sparse=lexical, colbert=matrices)
 
+    def run_tokens_m3(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> M3Output:
+        """One pre-tokenised, padded batch (right padding) as one run with all three bge-m3 outputs, per row;
+        for callers that batch themselves (the server)."""
+        heads = self._manifest.m3
+        if heads is None:
+            raise ArtifactError(f"{self._root} has no sparse or ColBERT outputs (not a bge-m3 export)")
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(f"input_ids and attention_mask must be 2-D and the same shape, got {ids.shape} and {mask.shape}")
+        if ids.shape[1] > self.max_length:
+            raise InputTooLongError(0, int(ids.shape[1]), self.max_length)
+        dense, weights, cols = self._run_named(ids, mask, (self._output_name, heads.sparse_output, heads.colbert_output))
+        self._check_output(dense, np.arange(len(ids)))
+        lengths = mask.sum(axis=1)
+        skip = np.array(heads.skip_token_ids, dtype=np.int64)
+        lexical, matrices = [], []
+        for r, n in enumerate(lengths.tolist()):
+            self._check_finite(weights[r, :n], r)
+            self._check_finite(cols[r, : n - 1], r)
+            lexical.append(lexical_weights(ids[r, :n], weights[r, :n], skip))
+            matrices.append(cols[r, : max(n - 1, 0)].copy())
+        return M3Output(dense=dense, sparse=lexical, colbert=matrices)
+
     def _rows_within(self, texts: Sequence[str], limit: int, mode: str) -> list[list[int]]:
         """Token rows of ``texts`` cut to ``limit`` tokens as the tokenizer's own truncation cuts them (the
         content shortened, the closing special tokens kept); warns or raises for texts past it."""

@@ -35,7 +35,8 @@ from .config import ServeConfig
 from .engine import Job, ModelWorker
 from .errors import ApiError, QueueFull, bad_request, too_large
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .protocol import EmbedRequest, RerankRequest, parse_cohere_rerank, parse_openai, parse_tei, parse_tei_rerank
+from .protocol import (M3_FLAGS, EmbedRequest, RerankRequest, parse_cohere_rerank, parse_m3_outputs, parse_openai,
+                       parse_tei, parse_tei_rerank)
 from .tokenize import Tokenization
 
 log = logging.getLogger("runtime.serve")
@@ -216,11 +217,20 @@ class EmbeddingService:
         child.inc()
 
     # -- embedding ---------------------------------------------------------------------------
-    async def embed(self, request: Request, req: EmbedRequest, arrived: float) -> tuple[ModelWorker, np.ndarray, int, dict]:
-        """Tokenise, check, answer from the cache what it holds, queue the rest and wait for it.
-        Returns the worker, the vectors, the token count and the timing headers."""
+    async def embed(self, request: Request, req: EmbedRequest, arrived: float,
+                    heads: bool = False) -> tuple[ModelWorker, np.ndarray, int, dict, Job]:
+        """Tokenise, check, answer from the cache what it holds, queue the rest and wait for it. ``heads``:
+        bge-m3's lexical weights and ColBERT matrices too (the job holds them; no cache). Returns the worker,
+        the vectors, the token count, the timing headers and the job."""
         worker = self.worker_for(req.model)
         emb = cast(Embedder, worker.embedder)  # worker_for checked the kind
+        if heads and not emb.has_m3_heads:
+            served = [n for n, w in self.workers.items() if getattr(w.embedder, "has_m3_heads", False)]
+            raise bad_request(f"model {worker.name!r} has no sparse or ColBERT outputs (only bge-m3 exports have "
+                              f"them); models that do: {served or 'none served here'}", "model", "no_sparse_output")
+        if heads and req.long_text == "chunk":
+            raise bad_request("'long_text': \"chunk\" pools dense windows; sparse and ColBERT outputs take "
+                              "\"truncate\" or \"error\"", "long_text")
         if req.dimensions is not None and req.dimensions != emb.dim:
             raise bad_request(f"'dimensions' {req.dimensions} is not supported: model {worker.name!r} gives "
                               f"{emb.dim}-dimensional vectors and is not trained for truncated ones; omit "
@@ -257,23 +267,24 @@ class EmbeddingService:
             raise too_large(f"'{req.param}' has {n_tokens} tokens in all, more than this server's limit of "
                             f"{self.config.max_request_tokens} per request (--max-request-tokens); split it",
                             req.param, "too_many_tokens")
-        job, headers = await self._run_rows(request, worker, ids, keys, None, n_tokens, tokenize_s, arrived)
+        job, headers = await self._run_rows(request, worker, ids, keys, None, n_tokens, tokenize_s, arrived, heads)
         vectors = job.vectors
         if plan is not None and len(plan.rows) != len(req):
             vectors = _pool(plan, vectors, emb.manifest.normalize)
         headers["x-windows"] = str(len(ids))
-        return worker, vectors, n_tokens, headers
+        return worker, vectors, n_tokens, headers, job
 
     async def _run_rows(self, request: Request, worker: ModelWorker, ids: list[list[int]], keys: list[Hashable],
-                        segments: list[int] | None, n_tokens: int, tokenize_s: float, arrived: float) -> tuple[Job, dict]:
+                        segments: list[int] | None, n_tokens: int, tokenize_s: float, arrived: float,
+                        heads: bool = False) -> tuple[Job, dict]:
         """What every route does with its token rows: answer from the cache what it holds, queue the rest in the
         model's workers (admission may refuse: 429), wait for them, count; the job (one output row per token
         row) and the timing headers."""
         loop = asyncio.get_running_loop()
         job = Job(n=len(ids), dim=worker.embedder.dim, deadline=arrived + self.config.request_timeout, loop=loop,
-                  future=loop.create_future())
+                  future=loop.create_future(), heads=heads)
         rows, queued_segments, hits = [], [], 0
-        use_cache = self.cache.capacity > 0
+        use_cache = self.cache.capacity > 0 and not heads  # the cache holds dense rows only
         for i, (row, key) in enumerate(zip(ids, keys)):
             cached = self.cache.get(key) if use_cache else None
             if cached is not None:
@@ -457,6 +468,11 @@ def _ranked(req: RerankRequest, logits: np.ndarray) -> list[tuple[int, float]]:
     return [(int(i), float(scores[i])) for i in order]
 
 
+def _sparse_body(weights: dict[int, float]) -> list[dict[str, float | int]]:
+    """TEI's sparse vector: ``[{"index": token id, "value": weight}]``, by token id."""
+    return [{"index": t, "value": w} for t, w in sorted(weights.items())]
+
+
 def _openai_body(name: str, vectors: np.ndarray, n_tokens: int, encoding: str) -> dict:
     if encoding == "base64":
         raw = np.ascontiguousarray(vectors, dtype="<f4").tobytes()
@@ -510,12 +526,12 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
     @route("/v1/embeddings", embedding=True)
     async def openai_embeddings(request: Request, arrived: float) -> Response:
         req = parse_openai(await svc.read_json(request), config.max_inputs)
-        worker, vectors, n_tokens, headers = await svc.embed(request, req, arrived)
+        worker, vectors, n_tokens, headers, _ = await svc.embed(request, req, arrived)
         return json_response(_openai_body(worker.name, vectors, n_tokens, req.encoding), 200, headers)
 
     async def tei(request: Request, arrived: float) -> Response:
         req = parse_tei(await svc.read_json(request), config.max_inputs)
-        _, vectors, _, headers = await svc.embed(request, req, arrived)
+        _, vectors, _, headers, _ = await svc.embed(request, req, arrived)
         return json_response(vectors, 200, headers)
 
     # TEI answers POST / and /invocations (SageMaker) by the model's kind: huggingface_hub's InferenceClient
@@ -538,6 +554,31 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
                 "model": worker.name, "usage": {"total_tokens": n_tokens},
                 "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
         return json_response(body, 200, headers)
+
+    # bge-m3: TEI's sparse route, its per-token route (here: the ColBERT vectors), and all three in one pass
+    @route("/embed_sparse", embedding=True)
+    async def tei_sparse(request: Request, arrived: float) -> Response:
+        req = parse_tei(await svc.read_json(request), config.max_inputs)
+        _, _, _, headers, job = await svc.embed(request, req, arrived, heads=True)
+        return json_response([_sparse_body(w) for w in job.lexical], 200, headers)
+
+    @route("/embed_all", embedding=True)
+    async def tei_all(request: Request, arrived: float) -> Response:
+        req = parse_tei(await svc.read_json(request), config.max_inputs)
+        _, _, _, headers, job = await svc.embed(request, req, arrived, heads=True)
+        return json_response(job.colbert, 200, headers)
+
+    @route("/encode", embedding=True)
+    async def m3_encode(request: Request, arrived: float) -> Response:
+        body = await svc.read_json(request)
+        want = parse_m3_outputs(body)
+        req = parse_tei({k: v for k, v in body.items() if k not in M3_FLAGS}, config.max_inputs)
+        worker, vectors, n_tokens, headers, job = await svc.embed(request, req, arrived, heads=want[1] or want[2])
+        out = {"model": worker.name, "dense_vecs": vectors if want[0] else None,
+               "lexical_weights": [{str(t): w for t, w in d.items()} for d in job.lexical] if want[1] else None,
+               "colbert_vecs": job.colbert if want[2] else None,
+               "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+        return json_response(out, 200, headers)
 
     rerank_tei = route("/rerank", embedding=True)(tei_rerank)
     rerank_v1, rerank_v2 = (route(p, embedding=True)(cohere_rerank) for p in ("/v1/rerank", "/v2/rerank"))
@@ -615,6 +656,9 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
             Route("/embed", tei_embed, methods=["POST"]),
             Route("/", tei_root, methods=["POST"]),
             Route("/invocations", tei_invocations, methods=["POST"]),
+            Route("/embed_sparse", tei_sparse, methods=["POST"]),
+            Route("/embed_all", tei_all, methods=["POST"]),
+            Route("/encode", m3_encode, methods=["POST"]),
             Route("/rerank", rerank_tei, methods=["POST"]),
             Route("/v1/rerank", rerank_v1, methods=["POST"]),
             Route("/v2/rerank", rerank_v2, methods=["POST"]),

@@ -68,9 +68,14 @@ class Job:
     queue_time: float = 0.0
     inference_time: float = 0.0
     error: Exception | None = None
+    heads: bool = False  # bge-m3: the job also wants each row's lexical weights and ColBERT matrix
+    lexical: list[dict[int, float]] = field(init=False)
+    colbert: list[np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
         self.vectors = np.empty((self.n, self.dim), dtype=np.float32)
+        self.lexical = [{} for _ in range(self.n)] if self.heads else []
+        self.colbert = [np.empty((0, 0), np.float32)] * self.n if self.heads else []
 
     def finish(self) -> None:
         self.loop.call_soon_threadsafe(_resolve, self.future)
@@ -332,8 +337,15 @@ class ModelWorker:
             types = segment_ids([len(it.ids) for it in batch], [it.segment or len(it.ids) for it in batch], ids.shape)
         start = time.monotonic()
         t0 = time.perf_counter()
+        # a batch holding any bge-m3 request fetches the sparse and ColBERT outputs for all its rows (one run;
+        # the other rows just ignore them)
+        heads = any(it.job.heads for it in batch)
         try:
-            vectors = self.embedder.run_tokens(ids, mask, types)
+            if heads:
+                out = self.embedder.run_tokens_m3(ids, mask)  # type: ignore[attr-defined]
+                vectors = out.dense
+            else:
+                vectors = self.embedder.run_tokens(ids, mask, types)
         except EmbedderError as exc:  # e.g. a non-finite vector: fail these requests, keep serving
             log.error("model %s: batch of %d failed: %s", self.name, len(batch), exc)
             for it in batch:
@@ -351,6 +363,9 @@ class ModelWorker:
         for row, it in enumerate(batch):
             job = it.job
             job.vectors[it.index] = vectors[row]
+            if job.heads:
+                job.lexical[it.index] = out.sparse[row]
+                job.colbert[it.index] = out.colbert[row]
             if it.key is not None:
                 self.cache.put(it.key, vectors[row])
             wait = start - it.enqueued

@@ -153,6 +153,21 @@ def parse_tei(body: Any, max_inputs: int) -> EmbedRequest:
                         dimensions=dimensions, normalize=True if normalize is None else normalize, param="inputs")
 
 
+M3_FLAGS = ("return_dense", "return_sparse", "return_colbert_vecs")
+
+
+def parse_m3_outputs(body: Any) -> tuple[bool, bool, bool]:
+    """``/encode``'s choice of bge-m3 outputs, named as BGEM3FlagModel.encode names them (dense by default)."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    dense, sparse, colbert = (_optional(body, k, bool, "a boolean") for k in M3_FLAGS)
+    want = (True if dense is None else dense, bool(sparse), bool(colbert))
+    if not any(want):
+        raise bad_request("ask for at least one output: return_dense, return_sparse or return_colbert_vecs",
+                          "return_dense")
+    return want
+
+
 @dataclass(frozen=True)
 class RerankRequest:
     """A query and the passages to score against it, however it was asked for (TEI or Cohere/Jina)."""
