@@ -4,6 +4,7 @@ manifest. Returns what was built and how close each variant came to the referenc
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import shutil
 import tempfile
 import warnings
@@ -115,6 +116,31 @@ def pair_calibration_feeds(tokenizer_path: Path, max_length: int, query_max_leng
     return feeds
 
 
+ISOLATE_BYTES = 1 << 30  # traced graphs past this (bge-large and up) run fusion, FP16 and INT8 in child processes
+
+
+def _run(isolate: bool, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` here, or in a fresh (spawned) child process whose memory is returned when it ends."""
+    if not isolate:
+        return fn(*args)
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _fuse_to_file(traced: Path, dst: Path, heads: int, hidden: int, layers: int) -> tuple[list[Path], dict[str, int]]:
+    fused, counts = optimize.fuse(traced, heads=heads, hidden=hidden, layers=layers)
+    return onnx_io.save(fused, dst, keep=False), counts
+
+
+def _fp16_to_file(fp32_path: Path, dst: Path) -> tuple[list[Path], dict[str, Any]]:
+    import onnx
+
+    m16, info = precision.to_fp16(onnx.load(str(fp32_path)))
+    return onnx_io.save(m16, dst, keep=False), info
+
+
 def _validation_device(name: str) -> str:
     from runtime.providers import cuda_available
 
@@ -174,9 +200,14 @@ def run_export(
             traced = work / "traced.onnx"
             names = graph.export_onnx(model, spec.pooling, spec.normalize, traced, kind=spec.kind, heads=m3_heads)
             del model
-        with progress.step("fusing with onnxruntime's transformer optimizer"):
-            fused, fused_counts = optimize.fuse(traced, heads=heads, hidden=hidden, layers=layers)
-            fp32_files = onnx_io.save(fused, work / FILENAMES["fp32"])
+        # a large model's heavy steps run in a child process each, so their peaks do not stack on each other
+        # or on what the parent still holds (bge-m3: the INT8 step was killed at 22.9 GB on a 24 GB machine)
+        isolate = traced.stat().st_size + sum(f.stat().st_size for f in work.glob("*.data")) > ISOLATE_BYTES
+        gc.collect()
+        with progress.step("fusing with onnxruntime's transformer optimizer"
+                           + (" (in a child process: large model)" if isolate else "")):
+            fp32_files, fused_counts = _run(isolate, _fuse_to_file, traced, work / FILENAMES["fp32"], heads, hidden,
+                                            layers)
         pad_id = save_tokenizer(tokenizer, spec.max_length, stage / TOKENIZER_FILE)
         built: dict[str, tuple[list[Path], dict[str, Any], dict[str, int]]] = {}
         if "fp32" in precisions:
@@ -185,10 +216,8 @@ def run_export(
             built["fp32"] = ([stage / f.name for f in fp32_files], {"fusions": "onnxruntime.transformers bert"}, fused_counts)
         if "fp16" in precisions:
             with progress.step("converting to FP16 (pooling and normalisation kept in FP32)"):
-                m16, info = precision.to_fp16(fused)
-                built["fp16"] = (onnx_io.save(m16, stage / FILENAMES["fp16"]), info, fused_counts)
-                del m16
-        del fused
+                files16, info = _run(isolate, _fp16_to_file, fp32_files[0], stage / FILENAMES["fp16"])
+                built["fp16"] = (files16, info, fused_counts)
         if "int8" in precisions:
             with progress.step("quantising to INT8 (calibrate, smooth, split outlier channels, greedy on calibration cosine)"):
                 dst = stage / FILENAMES["int8"]
@@ -199,7 +228,7 @@ def run_export(
                 else:
                     opts = quantize.Int8Options()
                     feeds = calibration_feeds(stage / TOKENIZER_FILE, spec.max_length, pad_id, opts.calibration_texts)
-                info = quantize.quantize_int8(fp32_files[0], dst, feeds, opts)
+                info = _run(isolate, quantize.quantize_int8, fp32_files[0], dst, feeds, opts)
                 built["int8"] = ([dst], info, fused_counts)
                 measure = "logit Pearson" if reranker else "min cosine"
                 progress.say(f"      FFN up-projections split: {len(info['split_ffn_up_nodes'])}; kept in float32: "

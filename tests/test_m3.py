@@ -140,22 +140,31 @@ def test_hybrid_scores_weigh_the_three_scores(m3_artifact):
     assert colbert_score(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32)) == 1.0
 
 
-def test_a_graph_past_the_protobuf_limit_exports_with_external_data(m3_checkpoint, m3_artifact, tmp_path, monkeypatch):
+@pytest.mark.parametrize("isolated", [False, True])
+def test_a_graph_past_the_protobuf_limit_exports_with_external_data(m3_checkpoint, m3_artifact, tmp_path, monkeypatch,
+                                                                    isolated):
     """bge-m3's FP32 graph is over 2 GiB: every step (fusion output, FP16 conversion, INT8 calibration and
-    preparation) must handle weights in a .data file. The threshold is lowered so the tiny model takes that path."""
-    from export import onnx_io
+    preparation) must handle weights in a .data file (the threshold is lowered so the tiny model takes that
+    path), and a large model's fusion, FP16 and INT8 steps run in child processes (``isolated``: forced; the
+    children keep the default threshold, so there the graphs are single files)."""
+    from export import onnx_io, pipeline
     from export.cli import main
 
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 0)
+    if isolated:
+        monkeypatch.setattr(pipeline, "ISOLATE_BYTES", 0)
     out = tmp_path / "external"
     assert main(["--model", str(m3_checkpoint), "--out", str(out)]) == 0
     m = Manifest.load(out)
-    assert [f.path for f in m.variants["fp32"].files] == ["model.onnx", "model.onnx.data"]
-    assert [f.path for f in m.variants["fp16"].files] == ["model_fp16.onnx", "model_fp16.onnx.data"]
+    data = [] if isolated else [".data"]
+    assert [f.path for f in m.variants["fp32"].files] == [f"model.onnx{x}" for x in [""] + data]
+    assert [f.path for f in m.variants["fp16"].files] == [f"model_fp16.onnx{x}" for x in [""] + data]
     a = Embedder(out, precision="fp32").encode(TEXTS, sparse=True, colbert=True)
     b = Embedder(m3_artifact, precision="fp32").encode(TEXTS, sparse=True, colbert=True)
     np.testing.assert_allclose(a.dense, b.dense, atol=1e-6)
     np.testing.assert_allclose(a.colbert[3], b.colbert[3], atol=1e-6)
-    assert sorted(out.iterdir()) == sorted(out / n for n in ("manifest.json", "tokenizer.json", "model.onnx",
-                                                            "model.onnx.data", "model_fp16.onnx",
-                                                            "model_fp16.onnx.data", "model_int8.onnx"))
+    np.testing.assert_allclose(Embedder(out, precision="int8").embed(TEXTS), Embedder(m3_artifact, precision="int8").embed(TEXTS),
+                               atol=1e-5)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "tokenizer.json", "model.onnx", "model_fp16.onnx", "model_int8.onnx"]
+        + ([] if isolated else ["model.onnx.data", "model_fp16.onnx.data"]))

@@ -1,0 +1,159 @@
+"""bge-m3 with all three outputs (dense, sparse, ColBERT): texts/s and peak memory per text length, ours (FP32,
+INT8) against FlagEmbedding's BGEM3FlagModel (torch FP32, in its own venv), each case in a fresh process so the
+peak resident memory is that case's own.
+
+    python -m benchmarks.m3 --artifact DIR --checkpoint DIR [--lengths 128:16,512:8,2048:2,8192:1]
+
+``--artifact``: ``python -m export --random-init bge-m3 --out DIR`` (or a real bge-m3 export); ``--checkpoint``: the
+Hugging Face directory it came from (``--random-init`` keeps none: ``--keep-checkpoint`` below materialises the
+same seeded one). Texts: the SOHU news documents of ../shared/data (copied into benchmarks/data), cut to exactly
+the length. Prints a markdown table and writes benchmarks/results/m3.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from . import datasets
+from .common import cpu_flags, cpu_name, save
+
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAG_ENV = Path(os.environ.get("BGE_ONNX_FLAG_ENV", "/tmp/bge-onnx-flagembedding-env"))
+
+
+def texts_of(length: int, n: int, tokenizer_json: Path) -> list[str]:
+    """``n`` different texts of at least ``length`` tokens (each is cut to exactly ``length`` by max_length)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_truncation()
+    docs = datasets.sohu_long_documents()
+    pool = "".join(docs)
+    out, start = [], 0
+    for _ in range(n):
+        chars = length * 2
+        while len(tok.encode(pool[start : start + chars]).ids) < length + 2:
+            chars *= 2
+            if start + chars > len(pool):
+                start, pool = 0, pool + pool
+        out.append(pool[start : start + chars])
+        start += chars
+    return out
+
+
+_OURS = """
+import json, resource, sys, time, warnings
+from runtime import Embedder
+art, precision, length, texts = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.load(open(sys.argv[4]))
+warnings.simplefilter("ignore")
+emb = Embedder(art, precision=precision)
+emb.encode(["warm up"], sparse=True, colbert=True)
+load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+t0 = time.perf_counter()
+out = emb.encode(texts, batch_size=len(texts), sparse=True, colbert=True, max_length=length)
+s = time.perf_counter() - t0
+assert all(len(c) == length - 1 for c in out.colbert)
+print(json.dumps({"seconds": s, "load_gib": load, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+_FLAG = """
+import json, resource, sys, time, warnings
+warnings.simplefilter("ignore")
+from FlagEmbedding import BGEM3FlagModel
+ckpt, length, texts = sys.argv[1], int(sys.argv[2]), json.load(open(sys.argv[3]))
+m = BGEM3FlagModel(ckpt, devices="cpu", use_fp16=False)
+m.encode(["warm up"], return_sparse=True, return_colbert_vecs=True)
+load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+t0 = time.perf_counter()
+out = m.encode(texts, batch_size=len(texts), max_length=length, return_dense=True, return_sparse=True,
+               return_colbert_vecs=True)
+s = time.perf_counter() - t0
+assert all(len(c) == length - 1 for c in out["colbert_vecs"])
+print(json.dumps({"seconds": s, "load_gib": load, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def _child(cmd: list[str], timeout: float) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(artifact: Path, checkpoint: Path | None, cases: list[tuple[int, int]], engines: list[str], work: Path,
+        timeout: float) -> list[dict]:
+    rows = []
+    for length, n in cases:
+        path = work / f"texts-{length}.json"
+        path.write_text(json.dumps(texts_of(length, n, artifact / "tokenizer.json"), ensure_ascii=False))
+        for engine in engines:
+            if engine.startswith("ours-"):
+                script = work / "ours.py"
+                script.write_text(_OURS)
+                cmd = [sys.executable, str(script), str(artifact), engine[5:], str(length), str(path)]
+            else:
+                if checkpoint is None:
+                    continue
+                script = work / "flag.py"
+                script.write_text(_FLAG)
+                cmd = [str(FLAG_ENV / "bin" / "python"), str(script), str(checkpoint), str(length), str(path)]
+            t0 = time.perf_counter()
+            got = _child(cmd, timeout)
+            row = {"engine": engine, "length": length, "texts": n, **got}
+            if "seconds" in got:
+                row["texts_per_s"] = n / got["seconds"]
+            rows.append(row)
+            print(f"  {engine:>14} {length:>5} tokens x {n:>2}: "
+                  + (f"{got['seconds']:.2f} s, peak {got['peak_gib']:.2f} GiB" if "seconds" in got else got["error"])
+                  + f"  ({time.perf_counter() - t0:.0f} s with loading)", file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| length x texts | engine | texts/s | seconds | peak memory (GiB) | vs FlagEmbedding |", "|---|---|---:|---:|---:|---:|"]
+    by = {(r["length"], r["engine"]): r for r in rows}
+    for r in rows:
+        ref = by.get((r["length"], "flagembedding-fp32"))
+        ratio = (f"{r['texts_per_s'] / ref['texts_per_s']:.2f}x" if ref and "texts_per_s" in ref and "texts_per_s" in r
+                 and r is not ref else "")
+        if "seconds" in r:
+            lines.append(f"| {r['length']} x {r['texts']} | {r['engine']} | {r['texts_per_s']:.2f} | {r['seconds']:.2f} | "
+                         f"{r['peak_gib']:.2f} | {ratio} |")
+        else:
+            lines.append(f"| {r['length']} x {r['texts']} | {r['engine']} | failed: {r['error']} | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, default=None, help="the checkpoint FlagEmbedding loads (omit: ours only)")
+    p.add_argument("--lengths", default="128:16,512:8,2048:2,8192:1", help="length:texts,... (default: %(default)s)")
+    p.add_argument("--engines", default="ours-int8,ours-fp32,flagembedding-fp32")
+    p.add_argument("--timeout", type=float, default=900)
+    args = p.parse_args(argv)
+    cases = [(int(a), int(b)) for a, b in (c.split(":") for c in args.lengths.split(","))]
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bge-m3-bench-") as tmp:
+        rows = run(args.artifact, args.checkpoint, cases, args.engines.split(","), Path(tmp), args.timeout)
+    result = {"benchmark": "m3", "cpu": cpu_name(), "cpu_flags": cpu_flags(), "artifact": str(args.artifact), "rows": rows,
+              "note": textwrap.shorten("each case in a fresh process; peak = the process's max resident memory "
+                                       "(model load included); all three outputs asked for", 300)}
+    table = markdown(rows) + f"\n\nCPU: {result['cpu']}, flags: {result['cpu_flags']}"
+    print(table)
+    save(ROOT / "benchmarks" / "results", "m3", result, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
