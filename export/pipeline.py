@@ -202,7 +202,8 @@ def run_export(
             del model
         # a large model's heavy steps run in a child process each, so their peaks do not stack on each other
         # or on what the parent still holds (bge-m3: the INT8 step was killed at 22.9 GB on a 24 GB machine)
-        isolate = traced.stat().st_size + sum(f.stat().st_size for f in work.glob("*.data")) > ISOLATE_BYTES
+        # (past 2 GiB torch writes each weight to a file of its own beside the graph: count the whole directory)
+        isolate = sum(f.stat().st_size for f in work.iterdir() if f.is_file()) > ISOLATE_BYTES
         gc.collect()
         with progress.step("fusing with onnxruntime's transformer optimizer"
                            + (" (in a child process: large model)" if isolate else "")):
