@@ -338,3 +338,37 @@ def test_rerun_removes_half_written_parts_of_a_killed_run(ray_local, tiny_artifa
     mine.write_text("keep")
     again = run_bulk(options(src, tmp_path / "out", tiny_artifact, id_column="pid"))
     assert again.rows == 0 and not any(p.exists() for p in stale) and mine.exists()
+
+
+# -- bge-m3: sparse and ColBERT outputs ---------------------------------------------------------------
+def test_m3_outputs_go_to_parquet_and_lancedb_as_encode_gives_them(ray_local, m3_artifact, tiny_artifact, tmp_path):
+    from runtime.bulk import BulkConfigError
+
+    rows = corpus(60, seed=9)
+    src = write_input(rows, tmp_path / "c.jsonl", "jsonl")
+    out = tmp_path / "out"
+    run_bulk(options(src, out, m3_artifact, id_column="pid", shard_rows=25, outputs=("dense", "sparse", "colbert")))
+    table = read_output(out)
+    by_pid = {p: i for i, p in enumerate(table.column("pid").to_pylist())}
+    texts = [r["text"] for r in rows]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = Embedder(m3_artifact, precision="int8").encode(texts, dense=True, sparse=True, colbert=True)
+    assert table.schema.field("colbert").type == pa.list_(pa.list_(pa.float32(), 64))
+    for j, r in enumerate(rows):
+        i = by_pid[r["pid"]]
+        np.testing.assert_allclose(table.column("embedding")[i].as_py(), want.dense[j], atol=1e-5)
+        ids, values = table.column("sparse_indices")[i].as_py(), table.column("sparse_values")[i].as_py()
+        assert ids == sorted(want.sparse[j])
+        np.testing.assert_allclose(values, [want.sparse[j][t] for t in ids], atol=1e-5)
+        np.testing.assert_allclose(np.array(table.column("colbert")[i].as_py(), np.float32), want.colbert[j], atol=1e-5)
+    sink = f"lancedb://{tmp_path / 'db'}/m3"
+    run_bulk(options(src, sink, m3_artifact, id_column="pid", outputs=("sparse", "colbert")))
+    lt = lancedb.connect(str(tmp_path / "db")).open_table("m3")
+    assert lt.count_rows() == 60 and "colbert" in lt.schema.names and "embedding" not in lt.schema.names
+    with pytest.raises(BulkConfigError, match="bge-m3"):
+        options(src, tmp_path / "x", tiny_artifact, outputs=("sparse",))
+    with pytest.raises(BulkConfigError, match="chunk"):
+        options(src, tmp_path / "x", m3_artifact, outputs=("colbert",), long_text="chunk")
+    with pytest.raises(BulkConfigError, match="--outputs"):
+        options(src, tmp_path / "x", m3_artifact, outputs=("dense", "dense"))

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a text past max length: truncate (default), error (= --no-truncate), chunk (windows "
                    "pooled into one vector, as Embedder.embed(long_text='chunk')), chunks (one output row per "
                    "window with its parent id, window index and character span)")
+    p.add_argument("--outputs", default="dense",
+                   help="comma-separated: dense (column embedding), and for bge-m3 artifacts sparse (sparse_indices, "
+                        "sparse_values) and colbert (a list of vectors per row); default: %(default)s")
     p.add_argument("--no-progress", action="store_true", help="turn off Ray Data's progress bars")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary here")
     p.add_argument("--test-crash-once", default=None, help=argparse.SUPPRESS)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             actors=args.actors, threads_per_actor=args.threads_per_actor, batch_size=args.batch_size,
             shard_rows=args.shard_rows, ray_address=args.ray_address, device=args.device, precision=args.precision,
             truncate=not args.no_truncate, long_text=args.long_text, progress=not args.no_progress,
-            crash_once_marker=args.test_crash_once,
+            crash_once_marker=args.test_crash_once, outputs=tuple(o.strip() for o in args.outputs.split(",") if o.strip()),
         )
         from .run import run_bulk  # imports Ray: after the arguments are known to be sane
 

@@ -20,7 +20,7 @@ import ray
 from ..embedder import Embedder
 from .resume import POS, REASON, ShardPlan
 from .rows import embed_rows
-from .sinks import vector_array, write_shard
+from .sinks import multivector_array, sparse_arrays, vector_array, write_shard
 
 # A dead actor is restarted and its in-flight batches resent: Ray Data's actor pools default to
 # max_restarts=-1 and max_task_retries=-1 (Ray 2.60), so a lost worker costs time, not rows.
@@ -69,13 +69,14 @@ class ShardWriter:
     def __init__(self, model_dir: str, plan: ShardPlan, text_column: str, id_column: str | None, keep: list[str],
                  work_dir: str, meta: dict[bytes, bytes], *, device: str, precision: str, threads: int,
                  batch_size: int | None, query: bool, truncate: bool, crash_once_marker: str | None = None,
-                 long_text: str | None = None) -> None:
+                 long_text: str | None = None, outputs: tuple[str, ...] = ("dense",)) -> None:
         self.emb = _load(model_dir, device, precision, threads)
         self.plan = plan
         self.text_column, self.id_column, self.keep = text_column, id_column, keep
         self.work_dir, self.meta = Path(work_dir), meta
         self.batch_size, self.query, self.truncate = batch_size, query, truncate
         self.long_text = long_text
+        self.outputs = outputs
         self.crash_once_marker = crash_once_marker
 
     def _maybe_crash(self) -> None:
@@ -100,7 +101,8 @@ class ShardWriter:
     def _shard(self, shard: int, rows: pa.Table) -> dict[str, Any]:
         t0 = time.perf_counter()
         res = embed_rows(self.emb, rows.column(self.text_column).to_pylist(), query=self.query,
-                         truncate=self.truncate, batch_size=self.batch_size, long_text=self.long_text)
+                         truncate=self.truncate, batch_size=self.batch_size, long_text=self.long_text,
+                         heads="sparse" in self.outputs or "colbert" in self.outputs)
         for i, reason in enumerate(rows.column(REASON).to_pylist()):
             if reason is not None:
                 res.reasons[i] = reason  # more precise than "null": what the input really held
@@ -118,7 +120,12 @@ class ShardWriter:
             columns = {self.id_column or "id": ids.filter(ok)}
             for name in self.keep:
                 columns[name] = rows.column(name).filter(ok)
-        columns["embedding"] = vector_array(res.vectors.reshape(-1, self.emb.dim))
+        if "dense" in self.outputs:
+            columns["embedding"] = vector_array(res.vectors.reshape(-1, self.emb.dim))
+        if "sparse" in self.outputs:
+            columns["sparse_indices"], columns["sparse_values"] = sparse_arrays(res.lexical or [])
+        if "colbert" in self.outputs:
+            columns["colbert"] = multivector_array(res.colbert or [], self.emb.manifest.m3.colbert_dim)  # type: ignore[union-attr]
         table = pa.table(columns).replace_schema_metadata(self.meta)
         id_values = ids.to_pylist()
         errors = [

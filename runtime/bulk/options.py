@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def parse_sink(spec: str) -> Sink:
     return Sink("parquet", Path(spec))
 
 
+OUTPUTS = ("dense", "sparse", "colbert")
+
+
 @dataclass(frozen=True)
 class BulkOptions:
     """One run. ``actors``/``threads_per_actor`` None: fill the machine (actors x threads <= CPUs)."""
@@ -76,6 +80,10 @@ class BulkOptions:
     truncate: bool = True
     long_text: str | None = None  # truncate | error | chunk | chunks; None: ``truncate`` decides
     progress: bool = True
+    # which outputs each row gets: "dense" (column ``embedding``), and for bge-m3 artifacts "sparse" (columns
+    # ``sparse_indices`` int32 list + ``sparse_values`` float32 list) and "colbert" (column ``colbert``: a list of
+    # fixed-size float32 vectors, LanceDB's multivector form)
+    outputs: tuple[str, ...] = ("dense",)
     # test hook: the first actor call that finds this file absent creates it and kills its own process
     crash_once_marker: str | None = field(default=None, repr=False)
 
@@ -104,6 +112,24 @@ class BulkOptions:
                 f"--model {self.model_dir} is not an artifact directory (no manifest.json); export one with "
                 "`python -m export --out DIR`"
             )
+        unknown = set(self.outputs) - set(OUTPUTS)
+        if not self.outputs or unknown or len(set(self.outputs)) != len(self.outputs):
+            raise BulkConfigError(f"--outputs must name some of {', '.join(OUTPUTS)} once each, got {','.join(self.outputs)}")
+        if self.heads:
+            if self.long_text_mode in ("chunk", "chunks"):
+                raise BulkConfigError("--outputs sparse/colbert take --long-text truncate or error: chunk windows pool "
+                                      "dense vectors only")
+            if "m3" not in json.loads(Path(self.model_dir, "manifest.json").read_text(encoding="utf-8")):
+                raise BulkConfigError(f"--model {self.model_dir} has no sparse or ColBERT outputs: only bge-m3 "
+                                      "exports have them; use --outputs dense")
+            taken = {"sparse_indices", "sparse_values", "colbert"} & set(self.keep)
+            if taken:
+                raise BulkConfigError(f"--keep cannot name {sorted(taken)}: the run writes those columns")
+
+    @property
+    def heads(self) -> bool:
+        """Whether bge-m3's sparse or ColBERT outputs are asked for."""
+        return bool({"sparse", "colbert"} & set(self.outputs))
 
     @property
     def long_text_mode(self) -> str:

@@ -33,6 +33,8 @@ class EmbeddedRows:
     tokens: int  # tokens fed to the model (after truncation)
     truncated: int  # rows cut to max_length (chunk/chunks: rows cut into more than one window)
     windows: list[tuple[int, int, int, int]] | None = None
+    lexical: list[dict[int, float]] | None = None  # bge-m3 (heads=True): per ok row, in the order of ``vectors``
+    colbert: list[np.ndarray] | None = None
 
 
 def as_text(value: object) -> tuple[str | None, str | None]:
@@ -70,14 +72,17 @@ def _usable(values: list[object], prefix: str) -> tuple[list[str], list[int], li
 
 def embed_rows(
     emb: Embedder, values: list[object], *, query: bool = False, truncate: bool = True, batch_size: int | None = None,
-    long_text: str | None = None,
+    long_text: str | None = None, heads: bool = False,
 ) -> EmbeddedRows:
     """Embed every usable value; ``query`` prepends the manifest's query instruction (as ``embed_queries``).
     ``long_text`` ("truncate", "error", "chunk", "chunks"; None: ``truncate`` decides) says what happens to a
-    text past max length, as ``Embedder.embed`` does; "chunks" keeps each window's vector and span."""
+    text past max length, as ``Embedder.embed`` does; "chunks" keeps each window's vector and span.
+    ``heads``: bge-m3's lexical weights and ColBERT matrices too, from the same runs (``Embedder.encode``'s)."""
     mode = long_text or ("truncate" if truncate else "error")
     if mode not in LONG_TEXT:
         raise ValueError(f"long_text must be one of {LONG_TEXT}, got {mode!r}")
+    if heads and mode in ("chunk", "chunks"):
+        raise ValueError("sparse and ColBERT outputs take long_text 'truncate' or 'error'")
     if mode in ("chunk", "chunks"):
         return _embed_windows(emb, values, query, batch_size, mode == "chunks")
     truncate = mode == "truncate"
@@ -94,7 +99,7 @@ def embed_rows(
             reasons[0] = f"{type(exc).__name__}: {exc}"
             return EmbeddedRows(np.empty((0, emb.dim), np.float32), ok, reasons, 0, 0)
         # the tokenizer refused the batch: find the rows it refuses one by one
-        return _one_by_one(emb, values, reasons, prefix, truncate, batch_size)
+        return _one_by_one(emb, values, reasons, prefix, truncate, batch_size, heads)
     keep = list(range(len(texts)))
     cut = set(encoded.truncated)
     if cut and not truncate:
@@ -106,6 +111,8 @@ def embed_rows(
         keep = [j for j in keep if j not in cut]
     ids = [encoded.ids[j] for j in keep]
     out = np.empty((len(keep), emb.dim), np.float32)
+    lexical: list[dict[int, float]] = [{} for _ in keep] if heads else []
+    colbert: list[np.ndarray] = [np.empty((0, 0), np.float32)] * len(keep) if heads else []
     good = np.ones(len(keep), dtype=bool)
     default_batch, max_tokens, pad_multiple = emb.batch_limits
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
@@ -114,7 +121,13 @@ def embed_rows(
         pad_multiple=pad_multiple, max_length=emb.max_length,
     ):
         try:
-            out[batch.indices] = emb.embed_tokens(batch.input_ids, batch.attention_mask)
+            if heads:
+                m3 = emb.run_tokens_m3(batch.input_ids, batch.attention_mask)
+                out[batch.indices] = m3.dense
+                for r, k in enumerate(batch.indices):
+                    lexical[k], colbert[k] = m3.sparse[r], m3.colbert[r]  # type: ignore[index]
+            else:
+                out[batch.indices] = emb.embed_tokens(batch.input_ids, batch.attention_mask)
         except EmbedderError as exc:  # e.g. a non-finite vector: blame the batch's rows, keep the job
             good[batch.indices] = False
             for k in batch.indices:
@@ -122,7 +135,10 @@ def embed_rows(
     rows = np.array([where[j] for j in keep], dtype=np.int64)
     ok[rows[good]] = True
     n_cut = sum(1 for k, j in enumerate(keep) if good[k] and j in cut)
-    return EmbeddedRows(out[good], ok, reasons, int(lengths[good].sum()), n_cut)
+    picked = np.flatnonzero(good)
+    return EmbeddedRows(out[good], ok, reasons, int(lengths[good].sum()), n_cut,
+                        lexical=[lexical[k] for k in picked] if heads else None,
+                        colbert=[colbert[k] for k in picked] if heads else None)
 
 
 def _embed_windows(emb: Embedder, values: list[object], query: bool, batch_size: int | None,
@@ -172,17 +188,20 @@ def _embed_windows(emb: Embedder, values: list[object], query: bool, batch_size:
 
 
 def _one_by_one(
-    emb: Embedder, values: list[object], reasons: list[str | None], prefix: str, truncate: bool, batch_size: int | None
+    emb: Embedder, values: list[object], reasons: list[str | None], prefix: str, truncate: bool, batch_size: int | None,
+    heads: bool = False,
 ) -> EmbeddedRows:
     """Slow path, only after the tokenizer refused a batch: each row alone, its refusal recorded."""
     parts: list[np.ndarray] = []
+    lexical: list[dict[int, float]] = []
+    colbert: list[np.ndarray] = []
     ok = np.zeros(len(values), dtype=bool)
     tokens = truncated = 0
     for i, value in enumerate(values):
         if reasons[i] is not None:
             continue
         try:
-            one = embed_rows(emb, [value], query=bool(prefix), truncate=truncate, batch_size=batch_size)
+            one = embed_rows(emb, [value], query=bool(prefix), truncate=truncate, batch_size=batch_size, heads=heads)
         except (ValueError, TypeError) as exc:
             reasons[i] = f"{type(exc).__name__}: {exc}"
             continue
@@ -190,7 +209,10 @@ def _one_by_one(
         if one.ok[0]:
             ok[i] = True
             parts.append(one.vectors)
+            lexical += one.lexical or []
+            colbert += one.colbert or []
             tokens += one.tokens
             truncated += one.truncated
     vectors = np.concatenate(parts) if parts else np.empty((0, emb.dim), np.float32)
-    return EmbeddedRows(vectors, ok, reasons, tokens, truncated)
+    return EmbeddedRows(vectors, ok, reasons, tokens, truncated, lexical=lexical if heads else None,
+                        colbert=colbert if heads else None)

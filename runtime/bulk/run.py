@@ -71,13 +71,14 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
         "model": manifest.source.model, "model_digest": digest, "precision": precision,
         "dimension": manifest.dimension, "input": fingerprint(files), "format": fmt,
         "text_column": opts.text_column, "id_column": opts.id_column, "keep": list(opts.keep),
-        "input_type": opts.input_type, "long_text": opts.long_text_mode,
+        "input_type": opts.input_type, "long_text": opts.long_text_mode, "outputs": list(opts.outputs),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     old = load_state(sink.work_dir)
     check_model(sink.work_dir, old, state)  # before reading a corpus that could take minutes
     meta = metadata({"model": manifest.source.model, "model_digest": digest, "precision": precision,
-                     "dimension": manifest.dimension, "input_type": opts.input_type})
+                     "dimension": manifest.dimension, "input_type": opts.input_type,
+                     "outputs": ",".join(opts.outputs)})
 
     resources = ray.cluster_resources()
     actors, threads = plan_actors(int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), opts.device,
@@ -106,7 +107,7 @@ def _run(opts: BulkOptions, t0: float) -> BulkSummary:
             fn_constructor_kwargs={"device": opts.device, "precision": precision, "threads": threads,
                                    "batch_size": opts.batch_size, "query": opts.input_type == "query",
                                    "truncate": opts.truncate, "crash_once_marker": opts.crash_once_marker,
-                                   "long_text": opts.long_text_mode},
+                                   "long_text": opts.long_text_mode, "outputs": opts.outputs},
             batch_size=None,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),

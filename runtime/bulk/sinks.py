@@ -29,6 +29,22 @@ def vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
 
 
+def sparse_arrays(weights: list[dict[int, float]]) -> tuple[pa.ListArray, pa.ListArray]:
+    """Lexical weights as two list columns, token ids (int32, ascending) and their weights (float32)."""
+    ids = [sorted(w) for w in weights]
+    return (pa.array(ids, pa.list_(pa.int32())),
+            pa.array([[w[t] for t in row] for w, row in zip(weights, ids)], pa.list_(pa.float32())))
+
+
+def multivector_array(matrices: list[np.ndarray], dim: int) -> pa.ListArray:
+    """Per row a (tokens, dim) float32 matrix -> list<fixed_size_list<float32>[dim]> (LanceDB's multivector)."""
+    flat = np.concatenate([np.ascontiguousarray(m, np.float32).reshape(-1) for m in matrices]) if matrices \
+        else np.empty(0, np.float32)
+    offsets = np.zeros(len(matrices) + 1, dtype=np.int32)
+    np.cumsum([len(m) for m in matrices], out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(flat), dim))
+
+
 def metadata(fields: dict[str, Any]) -> dict[bytes, bytes]:
     return {f"{META_PREFIX}{k}".encode(): str(v).encode() for k, v in fields.items()}
 
