@@ -6,6 +6,11 @@ the same tokens in the same length-sorted batches. Passages: ``benchmarks/data/z
 
     python -m benchmarks.rerank --arch bge-reranker-base      # random weights of the architecture (offline)
     python -m benchmarks.rerank --checkpoint DIR --artifact DIR
+    python -m benchmarks.rerank --fastembed on                # also fastembed's TextCrossEncoder (own venv)
+
+With ``--fastembed`` (default ``auto``: on where its venv exists) fastembed's ``TextCrossEncoder`` is a peer
+too, run in its own venv on our FP32 graph (plus an Unsqueeze to the [batch, 1] logits it reads), tokenised
+and batched as fastembed does it; see ``benchmarks/fastembed_peer.py``.
 
 Also the quality table of the trained cross-encoder (``--quality``): MiniLM fine-tuned on STS-B en odd rows
 (benchmarks/cross_encoder.py), measured on the held-out even rows: Spearman to gold for FP32 and INT8, and
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -116,7 +122,44 @@ def _time(fn, repeats: int) -> list[float]:
     return times
 
 
-def speed(checkpoint: Path, artifact: Path, n_queries: int, repeats: int, threads: int | None) -> dict:
+def _row(n_pairs: int, t_bulk: list[float], t_one: list[float]) -> dict:
+    return {"pairs_per_s": n_pairs / min(t_bulk), "one_x_50_ms_median": 1000 * statistics.median(t_one),
+            "one_x_50_ms_p90": 1000 * float(np.percentile(t_one, 90))}
+
+
+def fastembed_rows(artifact: Path, pairs, one, ours_fp32, ours_rows, repeats: int, threads: int | None,
+                   ours_session: bool, venv: Path) -> tuple[dict, dict]:
+    """fastembed's rows (``benchmarks.fastembed_peer``), timed with ``_time`` in its venv, and what to know
+    about them: versions, the graph adaptation, its scores against ours FP32, pairs it tokenised otherwise."""
+    from runtime.providers import DISABLED_OPTIMIZERS
+
+    from . import fastembed_peer
+
+    model_dir = fastembed_peer.prepare_model(artifact, CACHE / f"{artifact.name}-fastembed")
+    info = {"adaptation": fastembed_peer.model_info(model_dir)["adaptation"], "runs": {}}
+    rows = {}
+    variants = [(FASTEMBED, ())]
+    if ours_session:
+        variants.append((FASTEMBED_OURS_SESSION, DISABLED_OPTIMIZERS["cpu"]))
+    for name, disabled in variants:
+        r = fastembed_peer.run_peer(model_dir, pairs, one, timer=_time, repeats=repeats,
+                                    bulk_repeats=max(1, repeats // 3), threads=threads,
+                                    disabled_optimizers=disabled, venv=venv)
+        rows[name] = _row(len(pairs), r["t_bulk"], r["t_one"])
+        differ = [i for i, (a, b) in enumerate(zip(ours_rows, r["token_rows"])) if list(a) != b]
+        same = np.ones(len(pairs), bool)
+        same[differ] = False
+        diff = np.abs(np.asarray(r["scores_bulk"], np.float64) - ours_fp32)
+        info["versions"] = r["versions"]
+        info["session"] = r["session"]
+        info["runs"][name] = {"disabled_optimizers": list(disabled), "pairs_tokenised_otherwise": len(differ),
+                              "max_abs_diff_vs_ours_fp32": float(diff[same].max()) if same.any() else None,
+                              "max_abs_diff_all_pairs": float(diff.max())}
+    return rows, info
+
+
+def speed(checkpoint: Path, artifact: Path, n_queries: int, repeats: int, threads: int | None,
+          fastembed: bool = False, fastembed_ours_session: bool = False, fastembed_venv: Path | None = None) -> dict:
     import torch
     from sentence_transformers import CrossEncoder
 
@@ -156,11 +199,22 @@ def speed(checkpoint: Path, artifact: Path, n_queries: int, repeats: int, thread
                 (lambda: ce.predict(pairs, batch_size=32), lambda: ce.predict(one, batch_size=64)),
         }
         for name, (bulk, single) in candidates.items():
-            t_bulk = min(_time(bulk, max(1, repeats // 3)))
+            t_bulk = _time(bulk, max(1, repeats // 3))
             t_one = _time(single, repeats)
-            rows[name] = {"pairs_per_s": len(pairs) / t_bulk, "one_x_50_ms_median": 1000 * statistics.median(t_one),
-                          "one_x_50_ms_p90": 1000 * float(np.percentile(t_one, 90))}
-    return {"pairs": len(pairs), "tokens": tokens, "rows": rows}
+            rows[name] = _row(len(pairs), t_bulk, t_one)
+        extra = {}
+        if fastembed:
+            from .fastembed_peer import DEFAULT_VENV, FastembedPeerError
+
+            try:
+                fe_rows, extra["fastembed"] = fastembed_rows(
+                    artifact, pairs, one, ours["fp32"].score(pairs, 32).astype(np.float64), enc_all.ids, repeats,
+                    threads, fastembed_ours_session, fastembed_venv or DEFAULT_VENV)
+                rows.update(fe_rows)
+            except FastembedPeerError as exc:  # keep the other rows; say why this one is missing
+                print(f"fastembed peer failed, its row is left out: {exc}", file=sys.stderr)
+                extra["fastembed_error"] = str(exc)
+    return {"pairs": len(pairs), "tokens": tokens, "rows": rows, **extra}
 
 
 def quality(epochs: int = 2) -> dict:
@@ -203,6 +257,8 @@ def quality(epochs: int = 2) -> dict:
 ST_FED = "sentence-transformers onnx int8 (optimum avx512_vnni preset), fed as ST feeds it"
 STOCK_OURS_FED = "same stock int8 graph, fed our tokens in our length-sorted batches"
 ST_TORCH = "sentence-transformers CrossEncoder torch fp32"
+FASTEMBED = "fastembed TextCrossEncoder on our fp32 graph (+Unsqueeze), fed as fastembed feeds it"
+FASTEMBED_OURS_SESSION = "same, its session loaded as ours (SkipLayerNormFusion off)"
 
 
 def render(result: dict) -> str:
@@ -224,6 +280,26 @@ def render(result: dict) -> str:
            f"{ours_pps / torch_['pairs_per_s']:.2f}x (target 5x). Against the same stock INT8 graph fed our tokens "
            f"in our batches (the graphs alone): {ours_pps / graph['pairs_per_s']:.2f}x the pairs/s, latency "
            f"{ours_lat / graph['one_x_50_ms_median']:.2f}x."]
+    fe = result.get("fastembed")
+    if fe:
+        ours32 = rows["ours fp32"]
+        v = fe["versions"]
+        md += ["", f"fastembed {v['fastembed']} (onnxruntime {v['onnxruntime']}, own venv): `rerank_pairs` (batch 32) "
+               f"for pairs/s, `rerank` (batch 64) for 1 x 50, on our FP32 graph with one change ({fe['adaptation']}); "
+               "its tokenizer pads each batch to its longest in input order and cuts pairs `longest_first` at "
+               "max_length with no query cap."]
+        for name, run in fe["runs"].items():
+            row = rows[name]
+            off = ", ".join(run["disabled_optimizers"]) or "none (fastembed as it is: SkipLayerNormFusion on)"
+            agree = run["max_abs_diff_vs_ours_fp32"]
+            agree = "n/a" if agree is None else f"{agree:.2e}"
+            md.append(f"- {name}: {row['pairs_per_s'] / ours32['pairs_per_s']:.2f}x ours fp32's pairs/s, 1 x 50 "
+                      f"latency {row['one_x_50_ms_median'] / ours32['one_x_50_ms_median']:.2f}x; optimizers off: "
+                      f"{off}; scores vs ours fp32 max |diff| {agree} on the "
+                      f"{result['pairs'] - run['pairs_tokenised_otherwise']} pairs tokenised alike "
+                      f"({run['pairs_tokenised_otherwise']} tokenised otherwise).")
+    if result.get("fastembed_error"):
+        md += ["", f"fastembed peer failed, row left out: {result['fastembed_error'].splitlines()[0]}"]
     return "\n".join(md)
 
 
@@ -235,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=8, help="queries x 50 passages for pairs/s")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fastembed", choices=("auto", "on", "off"), default="auto",
+                   help="fastembed's TextCrossEncoder as a peer (auto: where its venv exists)")
+    p.add_argument("--fastembed-ours-session", action="store_true",
+                   help="also a fastembed row with its session loaded as ours (SkipLayerNormFusion off)")
+    p.add_argument("--fastembed-venv", type=Path, default=None, help="fastembed's venv (default: in the cache)")
     p.add_argument("--quality", action="store_true", help="the trained cross-encoder's quality table instead")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -258,7 +339,16 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, art, label = args.checkpoint, args.artifact, args.checkpoint.name
     else:
         (ckpt, art), label = _artifacts(args.arch), args.arch
-    r = speed(ckpt, art, args.queries, args.repeats, args.threads)
+    from . import fastembed_peer
+
+    fe_venv = args.fastembed_venv or fastembed_peer.DEFAULT_VENV
+    use_fastembed = args.fastembed != "off" and fastembed_peer.venv_python(fe_venv) is not None
+    if args.fastembed != "off" and not use_fastembed:
+        msg = f"fastembed peer: no venv at {fe_venv}; create it with: {fastembed_peer.SETUP_HINT}"
+        if args.fastembed == "on":
+            p.error(msg)
+        print(f"{msg} (skipped; --fastembed off silences this)", file=sys.stderr)
+    r = speed(ckpt, art, args.queries, args.repeats, args.threads, use_fastembed, args.fastembed_ours_session, fe_venv)
     result = {"machine": machine, "threads": args.threads, "label": label, "repeats": args.repeats, **r}
     md = render(result)
     save(args.out, f"rerank-{label}", result, md)

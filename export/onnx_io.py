@@ -18,6 +18,9 @@ def save(model: onnx.ModelProto, path: Path, keep: bool = True) -> list[Path]:
     """Write ``model`` to ``path``; return every file written (the graph first). ``keep=False``: the caller
     drops ``model`` next, so weights moved to external data are not read back into it."""
     data_name = path.name + ".data"
+    # onnx appends external data to an existing file: a graph saved again under the same name (the INT8
+    # greedy's prepared model, each round) would grow its .data by the whole model every time
+    path.with_name(data_name).unlink(missing_ok=True)
     if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
             model,

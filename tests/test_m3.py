@@ -168,3 +168,18 @@ def test_a_graph_past_the_protobuf_limit_exports_with_external_data(m3_checkpoin
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["manifest.json", "tokenizer.json", "model.onnx", "model_fp16.onnx", "model_int8.onnx"]
         + ([] if isolated else ["model.onnx.data", "model_fp16.onnx.data"]))
+
+
+def test_saving_a_large_graph_twice_does_not_grow_its_data_file(m3_artifact, tmp_path, monkeypatch):
+    """onnx appends external data to an existing file; the INT8 greedy saves its prepared graph once per round
+    (a bge-reranker-large export had grown it to 16 GB after seven rounds)."""
+    import onnx
+
+    from export import onnx_io
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 0)
+    model = onnx.load(str(m3_artifact / "model.onnx"))
+    first = onnx_io.save(model, tmp_path / "g.onnx")
+    size = first[1].stat().st_size
+    onnx_io.save(model, tmp_path / "g.onnx")
+    assert first[1].stat().st_size == size
