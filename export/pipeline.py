@@ -223,7 +223,10 @@ def run_export(
             with progress.step("quantising to INT8 (calibrate, smooth, split outlier channels, greedy on calibration cosine)"):
                 dst = stage / FILENAMES["int8"]
                 if reranker:
-                    opts = quantize.Int8Options(agreement="score_pearson")
+                    # random weights: the scores' agreement is amplified rounding noise (why the ranking gate is
+                    # off for them), so handing products back to float32 chases nothing; one round (a trained
+                    # reranker's greedy may keep some in float32: its INT8 graph can be slower than this one)
+                    opts = quantize.Int8Options(agreement="score_pearson", greedy=not spec.random_weights)
                     feeds = pair_calibration_feeds(stage / TOKENIZER_FILE, spec.max_length, spec.query_max_length,
                                                    pad_id, opts.calibration_texts, "token_type_ids" in names)
                 else:

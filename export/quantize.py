@@ -48,6 +48,7 @@ class Int8Options:
     max_float_fraction: float = 0.2  # never keep more than this share of the products in float32
     reduce_range: bool = True
     static_activations: bool = True  # calibrated per-tensor scales: a text's vector never depends on its batch
+    greedy: bool = True  # False: quantise once with the plan, no hand-backs (see pipeline: random-weight rerankers)
 
 
 def calibration_texts(n: int) -> list[str]:
@@ -153,7 +154,7 @@ def quantize_int8(
             cal_min = agreement(_outputs(dst, feeds), reference)
             history.append({"split_ffn_up": len(split_up), "float32_nodes": len(plan.float32),
                             "calibration_min_cosine": round(cal_min, 6)})
-            if cal_min >= options.target_min_cosine:
+            if cal_min >= options.target_min_cosine or not options.greedy:
                 break
             if len(split_up) < len(up_order):
                 name = up_order[len(split_up)]
@@ -188,6 +189,7 @@ def quantize_int8(
         "float32_head_nodes": head,
         "agreement": options.agreement,
         "handback_history": history,
+        "greedy": options.greedy,
         "calibration_min_cosine_vs_fp32": round(cal_min, 6),
         "target_min_cosine": options.target_min_cosine,
         "quantized_nodes": len(errors) - len(plan.float32),
