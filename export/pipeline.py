@@ -19,7 +19,7 @@ from runtime.integrity import sha256_file
 from runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, FileEntry, M3Heads, Manifest, PairFormat, Parity, Source,
                               Variant)
 
-from . import graph, onnx_io, optimize, precision, probes, quantize
+from . import graph, long_attention, onnx_io, optimize, precision, probes, quantize
 from .report import Progress, Row
 from .source import ModelSpec
 from .labelled import QUALITY_GATES, LabelledPairs, pair_spearman, spearman
@@ -141,6 +141,14 @@ def _fp16_to_file(fp32_path: Path, dst: Path) -> tuple[list[Path], dict[str, Any
     return onnx_io.save(m16, dst, keep=False), info
 
 
+def _flash_to_file(src: Path, dst: Path) -> tuple[list[Path], int]:
+    import onnx
+
+    model = onnx.load(str(src))
+    count = long_attention.flash_when_unpadded(model)
+    return onnx_io.save(model, dst, keep=False), count
+
+
 def _validation_device(name: str) -> str:
     from runtime.providers import cuda_available
 
@@ -211,10 +219,18 @@ def run_export(
                                             layers)
         pad_id = save_tokenizer(tokenizer, spec.max_length, stage / TOKENIZER_FILE)
         built: dict[str, tuple[list[Path], dict[str, Any], dict[str, int]]] = {}
+        # long-context models: CPU flash attention for unpadded batches (export/long_attention.py), FP32 and INT8
+        long = spec.max_length > long_attention.APPLIES_PAST
         if "fp32" in precisions:
-            for f in fp32_files:
-                shutil.copy2(f, stage / f.name)
-            built["fp32"] = ([stage / f.name for f in fp32_files], {"fusions": "onnxruntime.transformers bert"}, fused_counts)
+            info32: dict[str, Any] = {"fusions": "onnxruntime.transformers bert"}
+            if long:
+                files32, info32["flash_attention_layers"] = _run(isolate, _flash_to_file, fp32_files[0],
+                                                                 stage / FILENAMES["fp32"])
+            else:
+                for f in fp32_files:
+                    shutil.copy2(f, stage / f.name)
+                files32 = [stage / f.name for f in fp32_files]
+            built["fp32"] = (files32, info32, fused_counts)
         if "fp16" in precisions:
             with progress.step("converting to FP16 (pooling and normalisation kept in FP32)"):
                 files16, info = _run(isolate, _fp16_to_file, fp32_files[0], stage / FILENAMES["fp16"])
@@ -233,7 +249,10 @@ def run_export(
                     opts = quantize.Int8Options()
                     feeds = calibration_feeds(stage / TOKENIZER_FILE, spec.max_length, pad_id, opts.calibration_texts)
                 info = _run(isolate, quantize.quantize_int8, fp32_files[0], dst, feeds, opts)
-                built["int8"] = ([dst], info, fused_counts)
+                files8 = [dst]
+                if long:
+                    files8, info["flash_attention_layers"] = _run(isolate, _flash_to_file, dst, dst)
+                built["int8"] = (files8, info, fused_counts)
                 measure = "logit Pearson" if reranker else "min cosine"
                 progress.say(f"      FFN up-projections split: {len(info['split_ffn_up_nodes'])}; kept in float32: "
                              f"{info['float32_nodes'] or 'none'}; calibration {measure} {info['calibration_min_cosine_vs_fp32']}")

@@ -165,9 +165,11 @@ def test_a_graph_past_the_protobuf_limit_exports_with_external_data(m3_checkpoin
     np.testing.assert_allclose(a.colbert[3], b.colbert[3], atol=1e-6)
     np.testing.assert_allclose(Embedder(out, precision="int8").embed(TEXTS), Embedder(m3_artifact, precision="int8").embed(TEXTS),
                                atol=1e-5)
+    # INT8 is rewritten for flash attention after quantisation (long-context model), so saved by onnx_io too
+    assert [f.path for f in m.variants["int8"].files] == [f"model_int8.onnx{x}" for x in [""] + data]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["manifest.json", "tokenizer.json", "model.onnx", "model_fp16.onnx", "model_int8.onnx"]
-        + ([] if isolated else ["model.onnx.data", "model_fp16.onnx.data"]))
+        + ([] if isolated else ["model.onnx.data", "model_fp16.onnx.data", "model_int8.onnx.data"]))
 
 
 def test_saving_a_large_graph_twice_does_not_grow_its_data_file(m3_artifact, tmp_path, monkeypatch):
@@ -183,3 +185,26 @@ def test_saving_a_large_graph_twice_does_not_grow_its_data_file(m3_artifact, tmp
     size = first[1].stat().st_size
     onnx_io.save(model, tmp_path / "g.onnx")
     assert first[1].stat().st_size == size
+
+
+def test_long_context_graphs_take_flash_attention_when_no_row_is_padded(m3_artifact, tiny_artifact):
+    """Past 512 tokens of max length the FP32 and INT8 graphs wrap each attention in an If: unpadded batches run
+    onnxruntime's CPU flash attention (no length x length matrix), padded ones the fused node. Both give the
+    same vectors; a 512-token model's graphs are left as they were."""
+    import onnx
+
+    for precision in ("fp32", "int8"):
+        m = Manifest.load(m3_artifact)
+        assert m.variants[precision].build["flash_attention_layers"] == 2
+        ops = [n.op_type for n in onnx.load(str(m3_artifact / m.variants[precision].model_file)).graph.node]
+        assert ops.count("If") == 2 and "Attention" not in ops and "QAttention" not in ops
+        emb = Embedder(m3_artifact, precision=precision)
+        same_length = ["深" * 6, "学" * 6, "模" * 6]  # unpadded batch: the flash path
+        assert len({len(r) for r in emb.tokenize(same_length).ids}) == 1
+        flash = emb.encode(same_length, sparse=True, colbert=True)
+        padded = emb.encode(same_length + ["一个长得多的句子，让这一批有填充"], sparse=True, colbert=True)
+        np.testing.assert_allclose(flash.dense, padded.dense[:3], atol=1e-5)
+        for a, b in zip(flash.colbert, padded.colbert):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    ops = [n.op_type for n in onnx.load(str(tiny_artifact / "model.onnx")).graph.node]
+    assert "If" not in ops and ops.count("Attention") == 2
