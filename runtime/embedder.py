@@ -241,7 +241,6 @@ class Embedder(ModelSession):
         vectors = np.empty((n, self.dim), dtype=np.float32) if dense else None
         lexical: list[dict[int, float]] | None = [{} for _ in range(n)] if sparse else None
         matrices: list[np.ndarray] | None = [np.empty((0, 0), np.float32)] * n if colbert else None
-        skip = np.array(heads.skip_token_ids if heads else (), dtype=np.int64)
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
         progress = Progress(int(lengths.sum()), n, np.arange(n)) if show_progress else None
         batches = make_batches(rows, lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
@@ -252,16 +251,15 @@ class Embedder(ModelSession):
                 if vectors is not None:
                     self._check_output(got[self._output_name], batch.indices)
                     vectors[batch.indices] = got[self._output_name]
+                sparse_out = got.get(heads.sparse_output) if heads else None  # None when not asked for
+                colbert_out = got.get(heads.colbert_output) if heads else None
+                lex, cols = self._per_row(batch.input_ids, lengths[batch.indices], sparse_out, colbert_out,
+                                          batch.indices)
                 for r, i in enumerate(batch.indices):
-                    length = int(lengths[i])
-                    if lexical is not None and heads is not None:
-                        w = got[heads.sparse_output][r, :length]
-                        self._check_finite(w, int(i))
-                        lexical[i] = lexical_weights(batch.input_ids[r, :length], w, skip)
-                    if matrices is not None and heads is not None:
-                        m = got[heads.colbert_output][r, : length - 1].copy()
-                        self._check_finite(m, int(i))
-                        matrices[i] = m
+                    if lexical is not None and lex is not None:
+                        lexical[i] = lex[r]
+                    if matrices is not None and cols is not None:
+                        matrices[i] = cols[r]
                 if progress is not None:
                     progress.update(batch.indices, int(lengths[batch.indices].sum()))
         finally:
@@ -283,15 +281,24 @@ class Embedder(ModelSession):
             raise InputTooLongError(0, int(ids.shape[1]), self.max_length)
         dense, weights, cols = self._run_named(ids, mask, (self._output_name, heads.sparse_output, heads.colbert_output))
         self._check_output(dense, np.arange(len(ids)))
-        lengths = mask.sum(axis=1)
-        skip = np.array(heads.skip_token_ids, dtype=np.int64)
-        lexical, matrices = [], []
-        for r, n in enumerate(lengths.tolist()):
-            self._check_finite(weights[r, :n], r)
-            self._check_finite(cols[r, : n - 1], r)
-            lexical.append(lexical_weights(ids[r, :n], weights[r, :n], skip))
-            matrices.append(cols[r, : max(n - 1, 0)].copy())
+        lexical, matrices = self._per_row(ids, mask.sum(axis=1), weights, cols, np.arange(len(ids)))
         return M3Output(dense=dense, sparse=lexical, colbert=matrices)
+
+    def _per_row(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, cols: np.ndarray | None,
+                 owners: np.ndarray) -> tuple[list[dict[int, float]] | None, list[np.ndarray] | None]:
+        """A padded batch's per-token outputs as each row's lexical weights and ColBERT matrix (its real tokens
+        only), checked finite; errors name the input (``owners``) a bad row came from."""
+        skip = np.array(self._manifest.m3.skip_token_ids if self._manifest.m3 else (), dtype=np.int64)
+        lexical: list[dict[int, float]] | None = [] if weights is not None else None
+        matrices: list[np.ndarray] | None = [] if cols is not None else None
+        for r, n in enumerate(lengths.tolist()):
+            if lexical is not None and weights is not None:
+                self._check_finite(weights[r, :n], int(owners[r]))
+                lexical.append(lexical_weights(ids[r, :n], weights[r, :n], skip))
+            if matrices is not None and cols is not None:
+                self._check_finite(cols[r, : n - 1], int(owners[r]))
+                matrices.append(cols[r, : max(n - 1, 0)].copy())
+        return lexical, matrices
 
     def _rows_within(self, texts: Sequence[str], limit: int, mode: str) -> list[list[int]]:
         """Token rows of ``texts`` cut to ``limit`` tokens as the tokenizer's own truncation cuts them (the
