@@ -140,7 +140,11 @@ def _write_graph(src: Path, dst_dir: Path) -> dict:
     else:
         raise FastembedPeerError(f"{src} output {out.name!r} has rank {len(dims)}; expected [batch] or [batch, 1]")
     tmp = dst_dir / "model.onnx.tmp"
-    external = model.ByteSize() > _PROTOBUF_LIMIT
+    from export.onnx_io import initializer_bytes
+
+    # ByteSize() itself fails past 2 GiB (bge-reranker-large): count the weights instead
+    external = initializer_bytes(model) > _PROTOBUF_LIMIT - (64 << 20)
+    (dst_dir / _EXTERNAL_DATA).unlink(missing_ok=True)  # onnx appends to an existing data file
     if external:
         onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=_EXTERNAL_DATA)
     else:
