@@ -273,12 +273,7 @@ class Embedder(ModelSession):
         heads = self._manifest.m3
         if heads is None:
             raise ArtifactError(f"{self._root} has no sparse or ColBERT outputs (not a bge-m3 export)")
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape != mask.shape:
-            raise ValueError(f"input_ids and attention_mask must be 2-D and the same shape, got {ids.shape} and {mask.shape}")
-        if ids.shape[1] > self.max_length:
-            raise InputTooLongError(0, int(ids.shape[1]), self.max_length)
+        ids, mask = self._checked_batch(input_ids, attention_mask)
         dense, weights, cols = self._run_named(ids, mask, (self._output_name, heads.sparse_output, heads.colbert_output))
         self._check_output(dense, np.arange(len(ids)))
         lexical, matrices = self._per_row(ids, mask.sum(axis=1), weights, cols, np.arange(len(ids)))

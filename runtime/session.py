@@ -213,12 +213,7 @@ class ModelSession:
         pair model whose graph reads them; zeros if not given) as one run: float32 ``[n, dim]``, checked. No
         batching, sorting or truncation happens here, so the caller owns ``length <= max_length`` and the
         padding."""
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape != mask.shape:
-            raise ValueError(f"input_ids and attention_mask must be 2-D and the same shape, got {ids.shape} and {mask.shape}")
-        if ids.shape[1] > self.max_length:
-            raise InputTooLongError(0, int(ids.shape[1]), self.max_length)
+        ids, mask = self._checked_batch(input_ids, attention_mask)
         if ids.shape[0] == 0:
             return np.empty((0, self.dim), np.float32)
         types = None
@@ -229,6 +224,17 @@ class ModelSession:
         out = self._run(ids, mask, types)
         self._check_output(out, np.arange(len(ids)))
         return out
+
+    def _checked_batch(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A caller's padded batch as contiguous int64 arrays, refused if the shapes disagree or it is longer
+        than ``max_length``."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(f"input_ids and attention_mask must be 2-D and the same shape, got {ids.shape} and {mask.shape}")
+        if ids.shape[1] > self.max_length:
+            raise InputTooLongError(0, int(ids.shape[1]), self.max_length)
+        return ids, mask
 
     @property
     def reads_token_types(self) -> bool:

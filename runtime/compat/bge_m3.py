@@ -32,9 +32,6 @@ from ..m3 import M3Output, colbert_score, hybrid_scores, lexical_score
 from ..manifest import Manifest
 from .flagembedding import _placement
 
-_KEYS = ("dense_vecs", "lexical_weights", "colbert_vecs")
-
-
 class BGEM3FlagModel:
     """FlagEmbedding's ``BGEM3FlagModel`` over the ONNX runtime (see the module docstring)."""
 
