@@ -97,3 +97,28 @@ def test_errors_say_what_to_do(server):
     assert r.status_code == 400 and "at least one" in r.json()["error"]["message"]
     r = _post(server, "/embed_all", {"inputs": ["a"], "model": "m3", "long_text": "chunk"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "long_text"
+
+
+def test_base64_gives_the_same_floats_in_a_third_of_the_bytes(server, local):
+    """``encoding_format: base64`` on /embed_all and /encode: one string per text of its little-endian float32 rows."""
+    import base64
+
+    def rows(s: str, dim: int) -> np.ndarray:
+        return np.frombuffer(base64.b64decode(s), dtype="<f4").reshape(-1, dim)
+
+    floats = _post(server, "/embed_all", {"inputs": TEXTS, "model": "m3"})
+    r = _post(server, "/embed_all", {"inputs": TEXTS, "model": "m3", "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    dim = local.colbert[0].shape[1]
+    for got, want in zip(r.json(), local.colbert):
+        np.testing.assert_allclose(rows(got, dim), want, atol=1e-5)
+    assert len(r.content) < len(floats.content) / 2
+    body = _post(server, "/encode", {"inputs": TEXTS, "model": "m3", "return_colbert_vecs": True,
+                                     "encoding_format": "base64"}).json()
+    assert body["encoding_format"] == "base64" and body["dimension"] == local.dense.shape[1]
+    np.testing.assert_allclose(np.stack([rows(s, body["dimension"])[0] for s in body["dense_vecs"]]), local.dense,
+                               atol=1e-5)
+    for got, want in zip(body["colbert_vecs"], local.colbert):
+        np.testing.assert_allclose(rows(got, body["colbert_dim"]), want, atol=1e-5)
+    r = _post(server, "/embed_all", {"inputs": ["a"], "model": "m3", "encoding_format": "binary"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "encoding_format"

@@ -10,7 +10,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -35,7 +35,8 @@ from .config import ServeConfig
 from .engine import Job, ModelWorker
 from .errors import ApiError, QueueFull, bad_request, too_large
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .protocol import (M3_FLAGS, EmbedRequest, RerankRequest, parse_cohere_rerank, parse_m3_outputs, parse_openai,
+from .protocol import (M3_KEYS, EmbedRequest, RerankRequest, parse_cohere_rerank, parse_encoding, parse_m3_outputs,
+                       parse_openai,
                        parse_tei, parse_tei_rerank)
 from .tokenize import Tokenization
 
@@ -473,13 +474,18 @@ def _sparse_body(weights: dict[int, float]) -> list[dict[str, float | int]]:
     return [{"index": t, "value": w} for t, w in sorted(weights.items())]
 
 
+def _b64(matrix: np.ndarray) -> str:
+    """A vector or matrix as base64 of its little-endian float32 bytes, row-major (OpenAI's ``base64``)."""
+    return base64.b64encode(np.ascontiguousarray(matrix, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _encoded(rows: Sequence[np.ndarray], encoding: str) -> list:
+    """One item per text: the array itself (orjson writes it as nested lists) or its base64 string."""
+    return [_b64(r) for r in rows] if encoding == "base64" else list(rows)
+
+
 def _openai_body(name: str, vectors: np.ndarray, n_tokens: int, encoding: str) -> dict:
-    if encoding == "base64":
-        raw = np.ascontiguousarray(vectors, dtype="<f4").tobytes()
-        step = vectors.shape[1] * 4
-        items = [base64.b64encode(raw[i * step:(i + 1) * step]).decode("ascii") for i in range(len(vectors))]
-    else:
-        items = list(vectors)
+    items = _encoded(vectors, encoding)
     return {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)],
@@ -564,19 +570,23 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
 
     @route("/embed_all", embedding=True)
     async def tei_all(request: Request, arrived: float) -> Response:
-        req = parse_tei(await svc.read_json(request), config.max_inputs)
+        body = await svc.read_json(request)
+        encoding = parse_encoding(body)
+        req = parse_tei({k: v for k, v in body.items() if k not in M3_KEYS}, config.max_inputs)
         _, _, _, headers, job = await svc.embed(request, req, arrived, heads=True)
-        return json_response(job.colbert, 200, headers)
+        return json_response(_encoded(job.colbert, encoding), 200, headers)
 
     @route("/encode", embedding=True)
     async def m3_encode(request: Request, arrived: float) -> Response:
         body = await svc.read_json(request)
-        want = parse_m3_outputs(body)
-        req = parse_tei({k: v for k, v in body.items() if k not in M3_FLAGS}, config.max_inputs)
+        want, encoding = parse_m3_outputs(body), parse_encoding(body)
+        req = parse_tei({k: v for k, v in body.items() if k not in M3_KEYS}, config.max_inputs)
         worker, vectors, n_tokens, headers, job = await svc.embed(request, req, arrived, heads=want[1] or want[2])
-        out = {"model": worker.name, "dense_vecs": vectors if want[0] else None,
+        out = {"model": worker.name, "dense_vecs": _encoded(vectors, encoding) if want[0] else None,
                "lexical_weights": [{str(t): w for t, w in d.items()} for d in job.lexical] if want[1] else None,
-               "colbert_vecs": job.colbert if want[2] else None,
+               "colbert_vecs": _encoded(job.colbert, encoding) if want[2] else None,
+               "encoding_format": encoding, "dimension": int(vectors.shape[1]),
+               "colbert_dim": worker.embedder.manifest.m3.colbert_dim if want[2] else None,
                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
         return json_response(out, 200, headers)
 
