@@ -4,8 +4,9 @@ needs from it: pooling, normalisation, max length and query instruction."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .architectures import ARCHITECTURES, BGE_EN_INSTRUCTION, BGE_ZH_INSTRUCTION, materialise
@@ -142,11 +143,16 @@ def detect_kind(config: dict[str, Any], name: str) -> str:
     return "reranker"
 
 
-def default_instruction(name: str) -> str:
-    low = name.lower()
-    if "bge" in low and "zh" in low:
+def default_instruction(name: str, m3: bool = False) -> str:
+    """BGE v1.5's query instruction for its language, read from the words of the model's own name (a hub id's
+    or directory's last part: a parent directory such as ``benchmarks`` or ``/home/ben`` says nothing about the
+    language); bge-m3 and non-BGE models take none."""
+    words = set(re.split(r"[-_.\s]+", PurePosixPath(name.replace("\\", "/")).name.lower()))
+    if m3 or "bge" not in words:
+        return ""
+    if "zh" in words:
         return BGE_ZH_INSTRUCTION
-    if "bge" in low and "en" in low:
+    if "en" in words:
         return BGE_EN_INSTRUCTION
     return ""
 
@@ -228,7 +234,7 @@ def resolve(
         pooling=pooling or det_pooling,
         normalize=det_normalize if normalize is None else normalize,
         max_length=length,
-        query_instruction=("" if kind == "reranker" else default_instruction(name)) if query_instruction is None
+        query_instruction=("" if kind == "reranker" else default_instruction(name, m3)) if query_instruction is None
         else query_instruction,
         config=config,
         kind=kind,
