@@ -37,13 +37,12 @@ class TextTokenizer:
 
     def __init__(self, path: Path, max_length: int) -> None:
         try:
-            self._truncating = Tokenizer.from_file(str(path))
+            # one instance, untruncated: ``encode`` cuts the ids itself (a second, truncating instance of a
+            # 250k-piece vocabulary such as bge-m3's held another ~0.1 GiB for nothing)
             self._full = Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises a bare Exception on malformed JSON
             raise ArtifactError(f"cannot load tokenizer {path}: {exc}; re-export the artifact") from exc
         self.max_length = max_length
-        self._truncating.no_padding()
-        self._truncating.enable_truncation(max_length=max_length)
         self._full.no_padding()
         self._full.no_truncation()
         self.prefix, self.suffix = self._special_wrap()
@@ -84,9 +83,11 @@ class TextTokenizer:
                         texts = list(texts)
                     texts[i] = piece
                     cut.add(i)
-        encodings = self._truncating.encode_batch(texts, add_special_tokens=True)
-        ids = [e.ids for e in encodings]
-        truncated = [i for i, e in enumerate(encodings) if e.overflowing or i in cut]
+        encodings = self._full.encode_batch(texts, add_special_tokens=True)
+        # what the Rust tokenizer's own truncation gives (content cut to fit, then the special tokens)
+        keep = self.max_length - len(self.suffix)
+        ids = [e.ids if len(e.ids) <= self.max_length else e.ids[:keep] + self.suffix for e in encodings]
+        truncated = [i for i, e in enumerate(encodings) if len(e.ids) > self.max_length or i in cut]
         return Encoded(ids=ids, truncated=truncated)
 
     def _cut(self, text: str, cut: int, budget: int | None = None) -> str:
@@ -134,7 +135,7 @@ class TextTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._truncating.get_vocab_size(with_added_tokens=True)
+        return self._full.get_vocab_size(with_added_tokens=True)
 
     def count_tokens(self, text: str) -> int:
         """Length of ``text`` with special tokens and without truncation (``encode_batch``: it releases the GIL)."""
