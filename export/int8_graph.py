@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import onnx_io
+
 
 def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     """uint8 asymmetric scale and zero point covering [lo, hi] (and 0, as onnxruntime requires)."""
@@ -39,7 +41,7 @@ def make_activations_static(path: Path, ranges: dict[str, tuple[float, float]]) 
     fuse_integer_matmuls(model)
     fold_bias_into_products(model)
     scalar_weight_zero_points(model)
-    onnx.save_model(model, str(path))
+    onnx_io.save(model, path, keep=False)  # past 256 MiB of weights: external data (export/onnx_io.py)
     return replaced
 
 

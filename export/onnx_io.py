@@ -1,4 +1,4 @@
-"""Saving ONNX graphs: one file, or one file plus external data once protobuf's 2 GiB limit is near."""
+"""Saving ONNX graphs: one file, or the graph plus its weights as external data once they are large."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ from pathlib import Path
 
 import onnx
 
-# protobuf refuses messages over 2 GiB; stay clear of it with room for the graph itself
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Past this many bytes of weights they go to a .data file beside the graph. protobuf refuses messages over 2 GiB,
+# but the reason to start far below that is memory: onnxruntime maps an external-data file instead of parsing
+# every tensor into the process, and rows of the word table no text uses are never read. The bge-m3 INT8
+# session (576 MB of weights): 0.43 GiB resident after load against 0.84 GiB from one file, 1.16 against
+# 1.39 GiB at the end of an 8,192-token run (2-core AMD EPYC VM, onnxruntime 1.32).
+EXTERNAL_DATA_THRESHOLD = 256 * 2**20
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
