@@ -142,6 +142,10 @@ def m3_figures(lexical: list[dict[int, float]], colbert: list[np.ndarray],
     }
 
 
-def m3_passes(name: str, fig: dict[str, float]) -> bool:
-    gates = M3_GATES[name]
-    return all(fig[k] <= v if k in _M3_MAX else fig[k] >= v for k, v in gates.items())
+def m3_failures(name: str, fig: dict[str, float]) -> list[str]:
+    """The bge-m3 figures of ``fig`` that miss their gate, as ``"name value vs gate"`` (empty: all pass)."""
+    out = []
+    for k, v in M3_GATES[name].items():
+        if not (fig[k] <= v if k in _M3_MAX else fig[k] >= v):
+            out.append(f"{k} {fig[k]:.4g} ({'<=' if k in _M3_MAX else '>='} {v})")
+    return out

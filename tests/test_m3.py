@@ -208,3 +208,70 @@ def test_long_context_graphs_take_flash_attention_when_no_row_is_padded(m3_artif
             np.testing.assert_allclose(a, b, atol=1e-5)
     ops = [n.op_type for n in onnx.load(str(tiny_artifact / "model.onnx")).graph.node]
     assert "If" not in ops and ops.count("Attention") == 2
+
+
+def test_layer_tails_run_over_row_windows_with_the_same_numbers(m3_checkpoint, m3_artifact, tmp_path, monkeypatch):
+    """Past 512 tokens of max length each layer's tail (output projection, FFN, layer norms) runs in a Loop over
+    windows of rows, so an 8,192-token text never holds its whole FFN intermediate. The artifact's windows are
+    512 rows (one window for these texts); an export with 3-row windows cuts every text into several windows
+    (and the padded batch's rows across texts): the same numbers, FP32 and INT8."""
+    import onnx
+
+    from export import row_windows
+    from export.cli import main
+
+    monkeypatch.setattr(row_windows, "ROWS", 3)
+    out = tmp_path / "windows"
+    assert main(["--model", str(m3_checkpoint), "--out", str(out), "--precision", "fp32,int8"]) == 0
+    texts = TEXTS + ["深" * 6, "一个长得多的句子，让这一批有填充" * 3]
+    for precision in ("fp32", "int8"):
+        m = Manifest.load(out)
+        assert m.variants[precision].build["row_window_layers"] == 2
+        ops = [n.op_type for n in onnx.load(str(out / m.variants[precision].model_file)).graph.node]
+        assert ops.count("Loop") == 2
+        a = Embedder(out, precision=precision).encode(texts, sparse=True, colbert=True)
+        b = Embedder(m3_artifact, precision=precision).encode(texts, sparse=True, colbert=True)
+        np.testing.assert_allclose(a.dense, b.dense, atol=1e-5)
+        for x, y in zip(a.colbert, b.colbert):
+            np.testing.assert_allclose(x, y, atol=1e-5)
+        for x, y in zip(a.sparse, b.sparse):
+            assert x.keys() == y.keys() and np.allclose(list(x.values()), [y[k] for k in x], atol=1e-5)
+
+
+def test_a_tail_that_is_not_row_wise_is_left_alone():
+    """A dynamically quantised node takes its scale from the whole tensor: windowing it would make a row's
+    numbers depend on its window, so such a tail is refused (the export then stops with a FusionError); the same
+    tail quantised with a static scale is windowed and gives the same numbers."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from export.row_windows import windowed_tails
+
+    def graph(dynamic: bool) -> onnx.ModelProto:
+        quantise = ([helper.make_node("DynamicQuantizeLinear", ["a"], ["q", "s", "z"])] if dynamic else
+                    [helper.make_node("QuantizeLinear", ["a", "s", "z"], ["q"])])
+        nodes = [helper.make_node("Attention", ["x", "w", "b"], ["a"], domain="com.microsoft", num_heads=1),
+                 *quantise,
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+                 helper.make_node("Add", ["d", "x"], ["r"]),
+                 helper.make_node("LayerNormalization", ["r", "g", "b2"], ["n1"]),
+                 helper.make_node("MatMul", ["n1", "m"], ["r2"]),
+                 helper.make_node("LayerNormalization", ["r2", "g", "b2"], ["y"])]
+        rng = np.random.default_rng(0)
+        inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+                 for name, shape in (("w", (4, 12)), ("b", (12,)), ("g", (4,)), ("b2", (4,)), ("m", (4, 4)))]
+        if not dynamic:
+            inits += [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+                      numpy_helper.from_array(np.array(128, np.uint8), "z")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 5, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+    assert windowed_tails(graph(dynamic=True), rows=3) == (0, 1)
+    static = graph(dynamic=False)
+    x = np.random.default_rng(1).standard_normal((2, 5, 4)).astype(np.float32)
+    before = ort.InferenceSession(static.SerializeToString()).run(None, {"x": x})[0]
+    assert windowed_tails(static, rows=3) == (1, 0)  # 10 rows: windows of 3, 3, 3, 1
+    after = ort.InferenceSession(static.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, atol=1e-6)
