@@ -16,13 +16,22 @@ class Batch:
 
 
 MIN_FILL = 0.5  # a text joins a batch only if it is at least this fraction of the batch's longest
+# Graphs with flash attention for unpadded batches (long-context models, export/long_attention.py): a batch whose
+# longest row passes this many tokens holds only rows of exactly that length, so it never takes the padded path,
+# whose fused kernel keeps heads x length x length scores per text (4 GiB a layer at 8,192 tokens in FP32, so
+# two padded 8,000-token texts in one 16,384-token budget ran out of memory). A text that long fills the
+# matrix units on its own: running it alone costs nothing measurable (texts/s at 2,048 tokens: 1 x 2 unpadded
+# 0.43, see docs/m3.md).
+UNPADDED_PAST = 512
 
 
-def plan_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int) -> list[np.ndarray]:
+def plan_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int,
+                 unpadded_past: int | None = None) -> list[np.ndarray]:
     """Sort by length (longest first) and cut batches that hold at most ``batch_size`` texts, at most
     ``max_batch_tokens`` padded tokens, and no text shorter than half the batch's longest (so padding is
     under half of any row: one 512-token document no longer drags seven short sentences to 512).
-    Longest first makes the first batch the largest, so memory peaks early and predictably."""
+    Longest first makes the first batch the largest, so memory peaks early and predictably. With
+    ``unpadded_past``, a batch whose longest row passes it takes only rows of that same length (no padding)."""
     order = np.argsort(-lengths, kind="stable")
     batches: list[np.ndarray] = []
     start = 0
@@ -30,8 +39,9 @@ def plan_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int) ->
     while start < n:
         longest = max(int(lengths[order[start]]), 1)
         fit = max(1, min(batch_size, max_batch_tokens // longest))
+        floor = longest if unpadded_past is not None and longest > unpadded_past else MIN_FILL * longest
         end = start + 1
-        while end < min(n, start + fit) and lengths[order[end]] >= MIN_FILL * longest:
+        while end < min(n, start + fit) and lengths[order[end]] >= floor:
             end += 1
         batches.append(order[start:end])
         start = end
@@ -46,10 +56,11 @@ def make_batches(
     max_batch_tokens: int,
     pad_multiple: int = 1,
     max_length: int | None = None,
+    unpadded_past: int | None = None,
 ) -> Iterator[Batch]:
     """Padded int64 batches in the order of ``plan_batches``. ``pad_multiple`` rounds each batch's length
     up (never past ``max_length``): GPUs run tile-aligned shapes faster and see fewer distinct shapes."""
-    for idx in plan_batches(lengths, batch_size, max_batch_tokens):
+    for idx in plan_batches(lengths, batch_size, max_batch_tokens, unpadded_past):
         input_ids, mask = pad_batch([ids[i] for i in idx], pad_id, pad_multiple, max_length)
         yield Batch(indices=idx, input_ids=input_ids, attention_mask=mask)
 

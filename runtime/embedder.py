@@ -181,7 +181,7 @@ class Embedder(ModelSession):
         progress = Progress(int(lengths.sum()), n_texts, owners) if show_progress else None
         batches = make_batches(
             rows, lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
-            pad_multiple=self._pad_multiple, max_length=self.max_length,
+            pad_multiple=self._pad_multiple, max_length=self.max_length, unpadded_past=self._unpadded_past,
         )
         try:
             for batch, vectors in self._run_batches(batches):
@@ -244,7 +244,8 @@ class Embedder(ModelSession):
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
         progress = Progress(int(lengths.sum()), n, np.arange(n)) if show_progress else None
         batches = make_batches(rows, lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
-                               pad_multiple=self._pad_multiple, max_length=self.max_length)
+                               pad_multiple=self._pad_multiple, max_length=self.max_length,
+                               unpadded_past=self._unpadded_past)
         try:
             for batch, outs in self._run_batches(batches, outputs=tuple(names)):
                 got = dict(zip(names, outs))

@@ -121,7 +121,8 @@ class Reranker(ModelSession):
         lengths = enc.lengths
         out = np.empty((len(enc.ids),), dtype=np.float32)
         batches = make_batches(enc.ids, lengths, self._manifest.pad_token_id, batch_size or self._default_batch_size,
-                               self._max_batch_tokens, pad_multiple=self._pad_multiple, max_length=self.max_length)
+                               self._max_batch_tokens, pad_multiple=self._pad_multiple, max_length=self.max_length,
+                               unpadded_past=self._unpadded_past)
         def types(batch: Batch) -> np.ndarray:
             idx = batch.indices
             return segment_ids(lengths[idx], [enc.segment_start[i] for i in idx], batch.input_ids.shape)

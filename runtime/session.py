@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .batching import Batch
+from .batching import UNPADDED_PAST, Batch
 from .errors import ArtifactError, InputTooLongError, InvalidOutputError
 from .integrity import check_external_data, verify_file
 from .manifest import PRECISIONS, Manifest
@@ -72,6 +72,10 @@ class ModelSession:
             )
         self._max_batch_tokens = max_batch_tokens
         variant = self._manifest.variants[self._precision]
+        # a graph with flash attention for unpadded batches: long rows are batched only with rows of equal length
+        # (on CUDA, padded to the tile multiple, they take the fused kernel, which has its own flash path there)
+        self._unpadded_past = (UNPADDED_PAST if variant.build.get("flash_attention_layers") and self._pad_multiple == 1
+                               else None)
         if self._precision == "fp16" and self._device == "cpu":
             warnings.warn(
                 "running the fp16 variant on CPU: it is correct but slow (onnxruntime has few fp16 CPU "
@@ -161,6 +165,12 @@ class ModelSession:
         """(default rows per batch, padded tokens per batch, pad multiple) that batching uses; the server forms
         its cross-request batches by the same numbers."""
         return self._default_batch_size, self._max_batch_tokens, self._pad_multiple
+
+    @property
+    def unpadded_past(self) -> int | None:
+        """Rows longer than this many tokens are batched only with rows of their own length (no padding: the
+        graph's flash-attention path, memory linear in length); None: any batch may be padded."""
+        return self._unpadded_past
 
     @property
     def workers(self) -> int:

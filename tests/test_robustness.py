@@ -159,3 +159,41 @@ def test_batches_keep_padding_under_half_of_each_row():
         assert lengths[b].min() >= 0.5 * lengths[b].max()
         assert len(b) <= 8
     assert [len(b) for b in batches] == [2, 1, 7]  # [512, 300], [200], the seven short ones
+
+
+def test_long_rows_of_a_flash_attention_graph_are_never_padded():
+    """Past ``UNPADDED_PAST`` tokens a batch holds only rows of one length: a padded batch would take the fused
+    attention kernel, whose scores grow with the square of the length (two padded 8,000-token texts in one
+    16,384-token budget needed 8 GiB for them alone)."""
+    from runtime.batching import UNPADDED_PAST, plan_batches
+
+    lengths = np.array([8000, 7000, 7000, 100, 90, 700, 600])
+    padded = plan_batches(lengths, batch_size=32, max_batch_tokens=16384)
+    assert [sorted(lengths[b].tolist()) for b in padded] == [[7000, 8000], [7000], [600, 700], [90, 100]]
+    plan = plan_batches(lengths, batch_size=32, max_batch_tokens=16384, unpadded_past=UNPADDED_PAST)
+    assert [sorted(lengths[b].tolist()) for b in plan] == [[8000], [7000, 7000], [700], [600], [90, 100]]
+
+
+def test_an_embedder_feeds_long_rows_unpadded(m3_artifact):
+    """The runtime takes the rule from the artifact: its graph has flash attention (long-context model), so
+    every run whose longest row passes UNPADDED_PAST tokens has no padding; short rows still batch as before."""
+    from runtime import Embedder
+    from runtime.batching import UNPADDED_PAST
+
+    emb = Embedder(m3_artifact, precision="int8")
+    assert emb.unpadded_past == UNPADDED_PAST
+    masks = []
+    real = emb._session.run
+
+    def spy(names, feed, *args, **kwargs):
+        masks.append(feed["attention_mask"].copy())
+        return real(names, feed, *args, **kwargs)
+
+    emb._session.run = spy
+    texts = ["深度学习 " * n for n in (300, 260, 300, 220, 3, 5)]
+    out = emb.encode(texts, sparse=True, colbert=True)
+    long_runs = [m for m in masks if m.shape[1] > UNPADDED_PAST]
+    assert long_runs and all(m.all() for m in long_runs)
+    assert any(not m.all() for m in masks)  # the two short texts still share a padded run
+    alone = [emb.encode([t], sparse=True, colbert=True) for t in texts]
+    np.testing.assert_allclose(out.dense, np.concatenate([a.dense for a in alone]), atol=1e-5)

@@ -118,7 +118,7 @@ def embed_rows(
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     for batch in make_batches(
         ids, lengths, emb.manifest.pad_token_id, batch_size or default_batch, max_tokens,
-        pad_multiple=pad_multiple, max_length=emb.max_length,
+        pad_multiple=pad_multiple, max_length=emb.max_length, unpadded_past=emb.unpadded_past,
     ):
         try:
             if heads:
@@ -157,7 +157,7 @@ def _embed_windows(emb: Embedder, values: list[object], query: bool, batch_size:
     good_row = np.ones(len(plan.rows), dtype=bool)
     default_batch, max_tokens, pad_multiple = emb.batch_limits
     for batch in make_batches(plan.rows, lengths, emb.manifest.pad_token_id, batch_size or default_batch, max_tokens,
-                              pad_multiple=pad_multiple, max_length=emb.max_length):
+                              pad_multiple=pad_multiple, max_length=emb.max_length, unpadded_past=emb.unpadded_past):
         try:
             out[batch.indices] = emb.embed_tokens(batch.input_ids, batch.attention_mask)
         except EmbedderError as exc:  # blame the texts whose windows were in the batch, keep the job

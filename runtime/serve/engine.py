@@ -118,6 +118,7 @@ class ModelWorker:
         self.embedder = embedder
         self.cache = cache
         default_size, self._max_batch_tokens, self._pad_multiple = embedder.batch_limits
+        self._unpadded_past = embedder.unpadded_past
         self._max_batch_size = max_batch_size or default_size
         self._max_queue_time = max_queue_time
         self._max_queue_tokens = max_queue_tokens
@@ -307,7 +308,8 @@ class ModelWorker:
         else:
             lengths = np.fromiter((len(it.ids) for it in alive), dtype=np.int64, count=len(alive))
             share = math.ceil(len(alive) / max(1, self._idle))  # the idle workers split the queue
-            plan = plan_batches(lengths, min(self._max_batch_size, share), self._max_batch_tokens)
+            plan = plan_batches(lengths, min(self._max_batch_size, share), self._max_batch_tokens,
+                                self._unpadded_past)
             # alive is in arrival order, so index 0 is the oldest text
             if now - alive[0].enqueued > self._max_queue_time / 4:
                 pick = next(b for b in plan if (b == 0).any())  # it has waited long enough: its batch now
