@@ -2,11 +2,14 @@
 INT8) against FlagEmbedding's BGEM3FlagModel (torch FP32, in its own venv), each case in a fresh process so the
 peak resident memory is that case's own.
 
-    python -m benchmarks.m3 --artifact DIR --checkpoint DIR [--lengths 128:16,512:8,2048:2,8192:1]
+    python -m benchmarks.m3 --artifact DIR --checkpoint DIR [--lite DIR] [--lengths 128:16,512:8,2048:2,8192:1]
 
 ``--artifact``: ``python -m export --random-init bge-m3 --out DIR`` (or a real bge-m3 export); ``--checkpoint``: the
 Hugging Face directory it came from (``--random-init`` keeps none: ``--keep-checkpoint`` below materialises the
-same seeded one). Texts: the SOHU news documents of ../shared/data (copied into benchmarks/data), cut to exactly
+same seeded one). ``--lite``: bge-m3-lite's graphs of the same checkpoint, run by bge-m3-lite 0.6.2 in its own venv
+(INT8 with its INT8, FP32 with its fused FP32); ``python -m benchmarks.m3_lite_peer prepare`` builds a checkpoint
+with a SentencePiece tokenizer (what bge-m3-lite reads), our artifact and its graphs, so that all three engines
+see the same token ids (checked per case: ``ids_equal``). Texts: the SOHU news documents of ../shared/data (copied into benchmarks/data), cut to exactly
 the length. Prints a markdown table and writes benchmarks/results/m3.json and .md.
 """
 
@@ -21,7 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from . import datasets
+from . import datasets, m3_lite_peer
 from .common import cpu_flags, cpu_name, save
 
 
@@ -89,14 +92,35 @@ def _child(cmd: list[str], timeout: float) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _same_ids(texts: list[str], tokenizer_json: Path, lite: Path, work: Path, length: int) -> bool:
+    """Whether bge-m3-lite's own tokenizer gives the ids ours does for every text, as far as the cut to
+    ``length`` tokens keeps them (``<s>`` and the first ``length - 2`` pieces; where a text is cut off mid-word
+    at its end the two readers may end it differently, which the cut never reaches)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_truncation()
+    ours = [e.ids for e in tok.encode_batch(texts)]
+    theirs = m3_lite_peer.lite_ids(lite, texts, work)
+    return all(a[: length - 1] == b[: length - 1] for a, b in zip(ours, theirs))
+
+
 def run(artifact: Path, checkpoint: Path | None, cases: list[tuple[int, int]], engines: list[str], work: Path,
-        timeout: float) -> list[dict]:
+        timeout: float, lite: Path | None = None) -> list[dict]:
     rows = []
     for length, n in cases:
         path = work / f"texts-{length}.json"
-        path.write_text(json.dumps(texts_of(length, n, artifact / "tokenizer.json"), ensure_ascii=False))
+        texts = texts_of(length, n, artifact / "tokenizer.json")
+        path.write_text(json.dumps(texts, ensure_ascii=False))
+        same = _same_ids(texts, artifact / "tokenizer.json", lite, work, length) if lite is not None else None
         for engine in engines:
-            if engine.startswith("ours-"):
+            if engine.startswith("lite-"):
+                if lite is None:
+                    continue
+                script = work / "lite.py"
+                script.write_text(m3_lite_peer.LITE_CHILD)
+                cmd = [str(m3_lite_peer.lite_python()), str(script), str(lite), engine[5:], str(length), str(path)]
+            elif engine.startswith("ours-"):
                 script = work / "ours.py"
                 script.write_text(_OURS)
                 cmd = [sys.executable, str(script), str(artifact), engine[5:], str(length), str(path)]
@@ -109,6 +133,8 @@ def run(artifact: Path, checkpoint: Path | None, cases: list[tuple[int, int]], e
             t0 = time.perf_counter()
             got = _child(cmd, timeout)
             row = {"engine": engine, "length": length, "texts": n, **got}
+            if engine.startswith("lite-"):
+                row["ids_equal"] = same
             if "seconds" in got:
                 row["texts_per_s"] = n / got["seconds"]
             rows.append(row)
@@ -119,17 +145,24 @@ def run(artifact: Path, checkpoint: Path | None, cases: list[tuple[int, int]], e
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| length x texts | engine | texts/s | seconds | peak memory (GiB) | vs FlagEmbedding |", "|---|---|---:|---:|---:|---:|"]
+    """One row per engine and case; ours are also given against bge-m3-lite at the same precision."""
+    lines = ["| length x texts | engine | texts/s | seconds | peak memory (GiB) | vs FlagEmbedding | vs bge-m3-lite |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     by = {(r["length"], r["engine"]): r for r in rows}
+
+    def ratio(r: dict, ref: dict | None) -> str:
+        if ref is None or ref is r or "texts_per_s" not in ref or "texts_per_s" not in r:
+            return ""
+        return f"{r['texts_per_s'] / ref['texts_per_s']:.2f}x"
+
     for r in rows:
-        ref = by.get((r["length"], "flagembedding-fp32"))
-        ratio = (f"{r['texts_per_s'] / ref['texts_per_s']:.2f}x" if ref and "texts_per_s" in ref and "texts_per_s" in r
-                 and r is not ref else "")
+        lite = by.get((r["length"], "lite-" + r["engine"][5:])) if r["engine"].startswith("ours-") else None
         if "seconds" in r:
             lines.append(f"| {r['length']} x {r['texts']} | {r['engine']} | {r['texts_per_s']:.2f} | {r['seconds']:.2f} | "
-                         f"{r['peak_gib']:.2f} | {ratio} |")
+                         f"{r['peak_gib']:.2f} | {ratio(r, by.get((r['length'], 'flagembedding-fp32')))} | "
+                         f"{ratio(r, lite)} |")
         else:
-            lines.append(f"| {r['length']} x {r['texts']} | {r['engine']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['length']} x {r['texts']} | {r['engine']} | failed: {r['error']} | | | | |")
     return "\n".join(lines)
 
 
@@ -138,14 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, required=True)
     p.add_argument("--checkpoint", type=Path, default=None, help="the checkpoint FlagEmbedding loads (omit: ours only)")
     p.add_argument("--lengths", default="128:16,512:8,2048:2,8192:1", help="length:texts,... (default: %(default)s)")
-    p.add_argument("--engines", default="ours-int8,ours-fp32,flagembedding-fp32")
+    p.add_argument("--lite", type=Path, default=None, help="bge-m3-lite's graphs (benchmarks.m3_lite_peer prepare)")
+    p.add_argument("--engines", default="ours-int8,lite-int8,ours-fp32,lite-fp32,flagembedding-fp32")
     p.add_argument("--timeout", type=float, default=900)
     args = p.parse_args(argv)
     cases = [(int(a), int(b)) for a, b in (c.split(":") for c in args.lengths.split(","))]
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bge-m3-bench-") as tmp:
-        rows = run(args.artifact, args.checkpoint, cases, args.engines.split(","), Path(tmp), args.timeout)
+        rows = run(args.artifact, args.checkpoint, cases, args.engines.split(","), Path(tmp), args.timeout, args.lite)
     result = {"benchmark": "m3", "cpu": cpu_name(), "cpu_flags": cpu_flags(), "artifact": str(args.artifact), "rows": rows,
               "note": textwrap.shorten("each case in a fresh process; peak = the process's max resident memory "
                                        "(model load included); all three outputs asked for", 300)}

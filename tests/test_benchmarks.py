@@ -113,3 +113,17 @@ def test_rerank_benchmark_workload_and_report():
                                                    STOCK_OURS_FED: row(160, 150), ST_TORCH: row(20, 1000)}}
     md = render(result)
     assert "2.00x the pairs/s (target 1.7x)" in md and "latency 0.40x" in md and "10.00x (target 5x)" in md
+
+
+def test_m3_table_gives_ours_against_flagembedding_and_bge_m3_lite_at_the_same_precision():
+    from benchmarks.m3 import markdown
+
+    rows = [{"engine": e, "length": 512, "texts": 8, "seconds": s, "texts_per_s": 8 / s, "peak_gib": 1.0}
+            for e, s in (("ours-int8", 2.0), ("lite-int8", 5.0), ("ours-fp32", 4.0), ("lite-fp32", 6.0),
+                         ("flagembedding-fp32", 20.0))]
+    rows.append({"engine": "lite-int8", "length": 8192, "texts": 1, "error": "killed"})
+    lines = {line.split("|")[2].strip() + line.split("|")[1]: line for line in markdown(rows).splitlines()[2:]}
+    assert lines["ours-int8 512 x 8 "].rstrip("| ").endswith("10.00x | 2.50x")
+    assert lines["ours-fp32 512 x 8 "].rstrip("| ").endswith("5.00x | 1.50x")
+    assert lines["lite-int8 512 x 8 "].rstrip().endswith("| 4.00x |  |")
+    assert "failed: killed" in lines["lite-int8 8192 x 1 "]
