@@ -18,10 +18,20 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 ROWS = 512  # rows per window: 512 x 4096 FFN intermediates are 8 MiB in FP32
-# Ops whose output row r depends only on input row r (for the shapes a layer tail gives them).
+# Ops whose output row r depends only on input row r (for the shapes a layer tail gives them); a Slice only when
+# it cuts the last axis (the INT8 graph's outlier channels), checked in ``_row_wise``.
 ROW_WISE = {"MatMul", "Add", "Mul", "Sub", "Div", "LayerNormalization", "SkipLayerNormalization", "BiasGelu",
             "FastGelu", "Gelu", "Erf", "Relu", "Cast", "QuantizeLinear", "DequantizeLinear", "MatMulIntegerToFloat",
             "MatMulInteger", "Slice", "Identity"}
+
+
+def _row_wise(n: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
+    if n.op_type not in ROW_WISE:
+        return False
+    if n.op_type != "Slice":
+        return True
+    axes = initializers.get(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+    return axes is not None and set(numpy_helper.to_array(axes).tolist()) <= {-1, 2}
 
 
 def _tail(model: onnx.ModelProto, start: int, constants: set[str]) -> tuple[list[int], str, str, str] | None:
@@ -46,7 +56,8 @@ def _tail(model: onnx.ModelProto, start: int, constants: set[str]) -> tuple[list
     if attention_out not in outside or len(outside) != 2:
         return None
     residual = (outside - {attention_out}).pop()
-    if any(nodes[i].op_type not in ROW_WISE for i in span):
+    initializers = {t.name: t for t in model.graph.initializer}
+    if not all(_row_wise(nodes[i], initializers) for i in span):
         return None
     end = nodes[span[-1]].output[0]
     used_after = {x for n in list(nodes)[span[-1] + 1:] for x in _inputs(n)} | {o.name for o in model.graph.output}
