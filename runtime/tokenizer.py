@@ -38,7 +38,7 @@ class TextTokenizer:
     def __init__(self, path: Path, max_length: int) -> None:
         try:
             # one instance, untruncated: ``encode`` cuts the ids itself (a second, truncating instance of a
-            # 250k-piece vocabulary such as bge-m3's held another ~0.1 GiB for nothing)
+            # 250k-piece vocabulary such as bge-m3's held another ~0.2 GiB for nothing)
             self._full = Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises a bare Exception on malformed JSON
             raise ArtifactError(f"cannot load tokenizer {path}: {exc}; re-export the artifact") from exc
