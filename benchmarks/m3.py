@@ -29,7 +29,7 @@ from .common import cpu_flags, cpu_name, save
 
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAG_ENV = Path(os.environ.get("BGE_ONNX_FLAG_ENV", "/tmp/bge-onnx-flagembedding-env"))
+FLAG_ENV = m3_lite_peer.FLAG_ENV
 
 
 def texts_of(length: int, n: int, tokenizer_json: Path) -> list[str]:
@@ -52,36 +52,46 @@ def texts_of(length: int, n: int, tokenizer_json: Path) -> list[str]:
     return out
 
 
-_OURS = """
+# Each engine's child script: a prelude that defines ``warm()``, ``encode()`` (all three outputs of ``texts`` at
+# ``length``) and ``colbert_rows(out)``, then the one measuring tail (peak after loading, time, rows checked).
+_HEAD = """
 import json, resource, sys, time, warnings
-from runtime import Embedder
-art, precision, length, texts = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.load(open(sys.argv[4]))
 warnings.simplefilter("ignore")
-emb = Embedder(art, precision=precision)
-emb.encode(["warm up"], sparse=True, colbert=True)
+length, texts = int(sys.argv[-2]), json.load(open(sys.argv[-1]))
+"""
+
+_MEASURE = """
+warm()
 load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 t0 = time.perf_counter()
-out = emb.encode(texts, batch_size=len(texts), sparse=True, colbert=True, max_length=length)
+out = encode()
 s = time.perf_counter() - t0
-assert all(len(c) == length - 1 for c in out.colbert)
+rows = colbert_rows(out)
+assert all(n == length - 1 for n in rows), rows
 print(json.dumps({"seconds": s, "load_gib": load, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
-_FLAG = """
-import json, resource, sys, time, warnings
-warnings.simplefilter("ignore")
-from FlagEmbedding import BGEM3FlagModel
-ckpt, length, texts = sys.argv[1], int(sys.argv[2]), json.load(open(sys.argv[3]))
-m = BGEM3FlagModel(ckpt, devices="cpu", use_fp16=False)
-m.encode(["warm up"], return_sparse=True, return_colbert_vecs=True)
-load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-t0 = time.perf_counter()
-out = m.encode(texts, batch_size=len(texts), max_length=length, return_dense=True, return_sparse=True,
-               return_colbert_vecs=True)
-s = time.perf_counter() - t0
-assert all(len(c) == length - 1 for c in out["colbert_vecs"])
-print(json.dumps({"seconds": s, "load_gib": load, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+_OURS = """
+from runtime import Embedder
+emb = Embedder(sys.argv[1], precision=sys.argv[2])
+warm = lambda: emb.encode(["warm up"], sparse=True, colbert=True)
+encode = lambda: emb.encode(texts, batch_size=len(texts), sparse=True, colbert=True, max_length=length)
+colbert_rows = lambda out: [len(c) for c in out.colbert]
 """
+
+_FLAG = """
+from FlagEmbedding import BGEM3FlagModel
+m = BGEM3FlagModel(sys.argv[1], devices="cpu", use_fp16=False)
+warm = lambda: m.encode(["warm up"], return_sparse=True, return_colbert_vecs=True)
+encode = lambda: m.encode(texts, batch_size=len(texts), max_length=length, return_dense=True, return_sparse=True,
+                          return_colbert_vecs=True)
+colbert_rows = lambda out: [len(c) for c in out["colbert_vecs"]]
+"""
+
+
+def child_script(prelude: str) -> str:
+    """The script a case runs in its own process (argv: engine's own arguments, then length and texts file)."""
+    return _HEAD + prelude + _MEASURE
 
 
 def _child(cmd: list[str], timeout: float) -> dict:
@@ -118,17 +128,17 @@ def run(artifact: Path, checkpoint: Path | None, cases: list[tuple[int, int]], e
                 if lite is None:
                     continue
                 script = work / "lite.py"
-                script.write_text(m3_lite_peer.LITE_CHILD)
+                script.write_text(child_script(m3_lite_peer.LITE_PRELUDE))
                 cmd = [str(m3_lite_peer.lite_python()), str(script), str(lite), engine[5:], str(length), str(path)]
             elif engine.startswith("ours-"):
                 script = work / "ours.py"
-                script.write_text(_OURS)
+                script.write_text(child_script(_OURS))
                 cmd = [sys.executable, str(script), str(artifact), engine[5:], str(length), str(path)]
             else:
                 if checkpoint is None:
                     continue
                 script = work / "flag.py"
-                script.write_text(_FLAG)
+                script.write_text(child_script(_FLAG))
                 cmd = [str(FLAG_ENV / "bin" / "python"), str(script), str(checkpoint), str(length), str(path)]
             t0 = time.perf_counter()
             got = _child(cmd, timeout)
