@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import make_batches
 from .chunking import DEFAULT_OVERLAP, LONG_TEXT_MODES, Chunks, check_overlap, plan_windows, pool_windows
 from .errors import ArtifactError, InputTooLongError, InvalidOutputError
 from .m3 import M3Output, lexical_weights
@@ -179,10 +178,7 @@ class Embedder(ModelSession):
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         progress = Progress(int(lengths.sum()), n_texts, owners) if show_progress else None
-        batches = make_batches(
-            rows, lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
-            pad_multiple=self._pad_multiple, max_length=self.max_length, unpadded_past=self._unpadded_past,
-        )
+        batches = self.batches(rows, lengths, batch_size)
         try:
             for batch, vectors in self._run_batches(batches):
                 self._check_output(vectors, owners[batch.indices])
@@ -243,9 +239,7 @@ class Embedder(ModelSession):
         matrices: list[np.ndarray] | None = [np.empty((0, 0), np.float32)] * n if colbert else None
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
         progress = Progress(int(lengths.sum()), n, np.arange(n)) if show_progress else None
-        batches = make_batches(rows, lengths, self._manifest.pad_token_id, batch_size, self._max_batch_tokens,
-                               pad_multiple=self._pad_multiple, max_length=self.max_length,
-                               unpadded_past=self._unpadded_past)
+        batches = self.batches(rows, lengths, batch_size)
         try:
             for batch, outs in self._run_batches(batches, outputs=tuple(names)):
                 got = dict(zip(names, outs))

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from .batching import Batch, make_batches
+from .batching import Batch
 from .errors import ArtifactError
 from .manifest import PairFormat
 from .pairs import PairEncoded, PairTokenizer, segment_ids
@@ -120,9 +120,7 @@ class Reranker(ModelSession):
         """Logits of already tokenised pairs (``tokenize_pairs``), in length-sorted batches."""
         lengths = enc.lengths
         out = np.empty((len(enc.ids),), dtype=np.float32)
-        batches = make_batches(enc.ids, lengths, self._manifest.pad_token_id, batch_size or self._default_batch_size,
-                               self._max_batch_tokens, pad_multiple=self._pad_multiple, max_length=self.max_length,
-                               unpadded_past=self._unpadded_past)
+        batches = self.batches(enc.ids, lengths, batch_size)
         def types(batch: Batch) -> np.ndarray:
             idx = batch.indices
             return segment_ids(lengths[idx], [enc.segment_start[i] for i in idx], batch.input_ids.shape)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .batching import UNPADDED_PAST, Batch
+from .batching import UNPADDED_PAST, Batch, make_batches
 from .errors import ArtifactError, InputTooLongError, InvalidOutputError
 from .integrity import check_external_data, verify_file
 from .manifest import PRECISIONS, Manifest
@@ -165,6 +165,13 @@ class ModelSession:
         """(default rows per batch, padded tokens per batch, pad multiple) that batching uses; the server forms
         its cross-request batches by the same numbers."""
         return self._default_batch_size, self._max_batch_tokens, self._pad_multiple
+
+    def batches(self, rows: list[list[int]], lengths: np.ndarray, batch_size: int | None = None) -> Iterator[Batch]:
+        """Padded batches of token rows by this model's rules: its pad id, token budget, pad multiple, max length,
+        and for a flash-attention graph no padding past ``unpadded_past`` tokens (``runtime/batching.py``)."""
+        return make_batches(rows, lengths, self._manifest.pad_token_id, batch_size or self._default_batch_size,
+                            self._max_batch_tokens, pad_multiple=self._pad_multiple, max_length=self.max_length,
+                            unpadded_past=self._unpadded_past)
 
     @property
     def unpadded_past(self) -> int | None:

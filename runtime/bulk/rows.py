@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..batching import make_batches
 from ..chunking import pool_windows
 from ..embedder import Embedder
 from ..errors import EmbedderError
@@ -114,12 +113,8 @@ def embed_rows(
     lexical: list[dict[int, float]] = [{} for _ in keep] if heads else []
     colbert: list[np.ndarray] = [np.empty((0, 0), np.float32)] * len(keep) if heads else []
     good = np.ones(len(keep), dtype=bool)
-    default_batch, max_tokens, pad_multiple = emb.batch_limits
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    for batch in make_batches(
-        ids, lengths, emb.manifest.pad_token_id, batch_size or default_batch, max_tokens,
-        pad_multiple=pad_multiple, max_length=emb.max_length, unpadded_past=emb.unpadded_past,
-    ):
+    for batch in emb.batches(ids, lengths, batch_size):
         try:
             if heads:
                 m3 = emb.run_tokens_m3(batch.input_ids, batch.attention_mask)
@@ -155,9 +150,7 @@ def _embed_windows(emb: Embedder, values: list[object], query: bool, batch_size:
     lengths = np.fromiter((len(r) for r in plan.rows), dtype=np.int64, count=len(plan.rows))
     out = np.empty((len(plan.rows), emb.dim), np.float32)
     good_row = np.ones(len(plan.rows), dtype=bool)
-    default_batch, max_tokens, pad_multiple = emb.batch_limits
-    for batch in make_batches(plan.rows, lengths, emb.manifest.pad_token_id, batch_size or default_batch, max_tokens,
-                              pad_multiple=pad_multiple, max_length=emb.max_length, unpadded_past=emb.unpadded_past):
+    for batch in emb.batches(plan.rows, lengths, batch_size):
         try:
             out[batch.indices] = emb.embed_tokens(batch.input_ids, batch.attention_mask)
         except EmbedderError as exc:  # blame the texts whose windows were in the batch, keep the job
