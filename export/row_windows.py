@@ -34,7 +34,8 @@ def _row_wise(n: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> b
     return axes is not None and set(numpy_helper.to_array(axes).tolist()) <= {-1, 2}
 
 
-def _tail(model: onnx.ModelProto, start: int, constants: set[str]) -> tuple[list[int], str, str, str] | None:
+def _tail(model: onnx.ModelProto, start: int, constants: set[str],
+          initializers: dict[str, onnx.TensorProto]) -> tuple[list[int], str, str, str] | None:
     """Indices of the tail after the attention node at ``start``, its attention input, residual input and
     output; None when the span is not a row-wise tail with exactly those inputs."""
     nodes = model.graph.node
@@ -56,7 +57,6 @@ def _tail(model: onnx.ModelProto, start: int, constants: set[str]) -> tuple[list
     if attention_out not in outside or len(outside) != 2:
         return None
     residual = (outside - {attention_out}).pop()
-    initializers = {t.name: t for t in model.graph.initializer}
     if not all(_row_wise(nodes[i], initializers) for i in span):
         return None
     end = nodes[span[-1]].output[0]
@@ -83,12 +83,12 @@ def windowed_tails(model: onnx.ModelProto, rows: int | None = None) -> tuple[int
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
     nodes = list(model.graph.node)
-    constants = {t.name for t in model.graph.initializer}
-    constants |= {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    initializers = {t.name: t for t in model.graph.initializer}
+    constants = set(initializers) | {o for n in nodes if n.op_type == "Constant" for o in n.output}
     attention = [i for i, n in enumerate(nodes) if n.op_type in ("If", "Attention", "QAttention")]
     tails = {}
     for a in attention:
-        found = _tail(model, a, constants)
+        found = _tail(model, a, constants, initializers)
         if found is not None:
             tails[found[0][0]] = found
     if not tails:

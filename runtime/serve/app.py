@@ -36,8 +36,7 @@ from .engine import Job, ModelWorker
 from .errors import ApiError, QueueFull, bad_request, too_large
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .protocol import (M3_KEYS, EmbedRequest, RerankRequest, parse_cohere_rerank, parse_encoding, parse_m3_outputs,
-                       parse_openai,
-                       parse_tei, parse_tei_rerank)
+                       parse_openai, parse_tei, parse_tei_rerank)
 from .tokenize import Tokenization
 
 log = logging.getLogger("runtime.serve")
