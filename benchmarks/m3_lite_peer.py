@@ -21,8 +21,7 @@ What ``prepare`` builds under ``benchmarks/results/cache/bge-m3-sp`` (each step 
    ``tokenizer.json`` we and FlagEmbedding read. Ids follow XLM-R's fairseq layout (``<s>`` 0, ``<pad>`` 1, ``</s>``
    2, ``<unk>`` 3, pieces at SentencePiece id + 1, ``<mask>`` last); the embedding table keeps bge-m3's 250,002
    rows (ids past 32,001 are never fed). ``compare-tokens`` checks both readers give the same ids.
-2. ``artifact/``: ours, ``python -m export --model checkpoint --precision fp32,int8`` with INT8's bge-m3 head
-   gates reported, not enforced (see ``_EXPORT_UNGATED_HEADS``: on this checkpoint our INT8 misses one).
+2. ``artifact/``: ours, ``python -m export --model checkpoint --precision fp32,int8`` (every gate enforced).
 3. ``lite/``: the backbone as the Hub's ``onnx/model.onnx`` is laid out (inputs ``input_ids``, ``attention_mask``;
    output ``token_embeddings``; weights in ``model.onnx_data``), traced with torch from the same checkpoint
    (transformers' XLMRobertaModel, eager attention, opset 14), then bge-m3-lite's own ``fuse`` (its FP32 graph:
@@ -207,25 +206,11 @@ def build_lite(lite: Path, venv: Path = DEFAULT_VENV) -> None:
     _run([str(lite_python(venv)), str(script), str(lite)], "bge-m3-lite fuse + quantize")
 
 
-# Our export, with the bge-m3 head gates of INT8 reported but not enforced: on this checkpoint our INT8 misses
-# the lexical-score gate (0.15 of the largest score against 0.1; bge-m3-lite's INT8 of the same weights: 0.04),
-# and a speed benchmark still needs the graph. The figures stay in the manifest beside their gates; an artifact
-# built this way is for measurement, not for use (the export CLI itself never skips a gate).
-_EXPORT_UNGATED_HEADS = r"""
-import sys
-from export import pipeline
-from export.cli import main
-failures = pipeline.m3_failures
-pipeline.m3_failures = lambda name, fig: [] if name == "int8" else failures(name, fig)
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def export_ours(checkpoint: Path, artifact: Path) -> None:
     if (artifact / "manifest.json").exists():
         return
-    _run([sys.executable, "-c", _EXPORT_UNGATED_HEADS, "--model", str(checkpoint), "--out", str(artifact),
-          "--precision", "fp32,int8"], "our export (INT8 head gates reported, not enforced)")
+    _run([sys.executable, "-m", "export", "--model", str(checkpoint), "--out", str(artifact),
+          "--precision", "fp32,int8"], "our export")
 
 
 def lite_ids(lite: Path, texts: list[str], work: Path, venv: Path = DEFAULT_VENV) -> list[list[int]]:

@@ -12,27 +12,39 @@ from onnx import helper, numpy_helper
 from . import onnx_io
 
 
-def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """uint8 asymmetric scale and zero point covering [lo, hi] (and 0, as onnxruntime requires)."""
+def activation_qparams(lo: float, hi: float, levels: int = 255) -> tuple[float, int]:
+    """uint8 asymmetric scale and zero point covering [lo, hi] (and 0, as onnxruntime requires) in codes
+    0..``levels`` (127: 7-bit activations, see ``make_activations_static``)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max(hi - lo, 1e-12) / 255.0
-    return scale, int(np.clip(np.round(-lo / scale), 0, 255))
+    scale = max(hi - lo, 1e-12) / levels
+    return scale, int(np.clip(np.round(-lo / scale), 0, levels))
 
 
-def make_activations_static(path: Path, ranges: dict[str, tuple[float, float]]) -> int:
+def make_activations_static(path: Path, ranges: dict[str, tuple[float, float]], levels: int = 255) -> int:
     """Replace each DynamicQuantizeLinear by a QuantizeLinear with the calibrated scale and zero point.
 
     Dynamic quantisation takes one scale per tensor, i.e. per batch, so a text's INT8 vector moved with
     its batch neighbours (cosine 0.9977 alone vs batched on STS-B with all-MiniLM-L6-v2). Fixed scales make
-    every text's vector independent of the batch, and skip a min/max pass per product."""
+    every text's vector independent of the batch, and skip a min/max pass per product.
+
+    ``levels`` < 255 (7-bit activations, codes 0..127, for full-range 8-bit weights): a Clip to the
+    calibrated range goes before each QuantizeLinear, because QuantizeLinear itself saturates only at 255
+    and an input past the calibrated range would give codes above 127 (see quantize.Int8Options)."""
     model = onnx.load(str(path))
     nodes, replaced = [], 0
     for n in model.graph.node:
         if n.op_type == "DynamicQuantizeLinear" and n.input[0] in ranges:
-            scale, zp = activation_qparams(*ranges[n.input[0]])
+            scale, zp = activation_qparams(*ranges[n.input[0]], levels=levels)
             model.graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), n.output[1]))
             model.graph.initializer.append(numpy_helper.from_array(np.array(zp, np.uint8), n.output[2]))
-            nodes.append(helper.make_node("QuantizeLinear", [n.input[0], n.output[1], n.output[2]], [n.output[0]], name=f"{n.name}/static"))
+            x = n.input[0]
+            if levels < 255:
+                bounds = [f"{n.name}/clip_min", f"{n.name}/clip_max"]
+                for name, code in zip(bounds, (0, levels)):
+                    model.graph.initializer.append(numpy_helper.from_array(np.array((code - zp) * scale, np.float32), name))
+                nodes.append(helper.make_node("Clip", [x, *bounds], [f"{n.name}/clipped"], name=f"{n.name}/clip"))
+                x = f"{n.name}/clipped"
+            nodes.append(helper.make_node("QuantizeLinear", [x, n.output[1], n.output[2]], [n.output[0]], name=f"{n.name}/static"))
             replaced += 1
         else:
             nodes.append(n)

@@ -164,7 +164,7 @@ def top_channels(amax: np.ndarray, k: int) -> np.ndarray:
 
 
 def simulated_error(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: np.ndarray, reduce_range: bool,
-                    outliers: np.ndarray | None = None) -> float:
+                    outliers: np.ndarray | None = None, activation_levels: int = 255) -> float:
     """Relative error of x @ w with static per-tensor uint8 activations over [lo, hi] (per channel, the
     calibrated range) and per-column symmetric int8 weights; ``outliers`` rows are computed in float."""
     keep = np.ones(len(lo), bool)
@@ -174,15 +174,15 @@ def simulated_error(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: np.ndarray
     wk = w[keep]
     w_scale = np.maximum(np.abs(wk).max(axis=0), 1e-12) / qmax
     wq = np.round(wk / w_scale) * w_scale
-    scale, zp = activation_qparams(float(lo[keep].min()), float(hi[keep].max()))
-    xq = (np.clip(np.round(x[:, keep] / scale) + zp, 0, 255) - zp) * scale
+    scale, zp = activation_qparams(float(lo[keep].min()), float(hi[keep].max()), activation_levels)
+    xq = (np.clip(np.round(x[:, keep] / scale) + zp, 0, activation_levels) - zp) * scale
     y = x @ w
     approx = xq @ wq + x[:, ~keep] @ w[~keep]
     return float(np.sqrt(np.square(approx - y).sum() / max(float(np.square(y).sum()), 1e-30)))
 
 
 def simulate(model: onnx.ModelProto, cal: Calibration, plan: Plan, name: str, reduce_range: bool,
-             outliers: np.ndarray | None = None) -> float:
+             outliers: np.ndarray | None = None, activation_levels: int = 255) -> float:
     """``simulated_error`` of product ``name`` under its smoothing in ``plan`` and the given outliers."""
     inits = {i.name: i for i in model.graph.initializer}
     node = next(n for n in model.graph.node if n.name == name)
@@ -193,7 +193,7 @@ def simulate(model: onnx.ModelProto, cal: Calibration, plan: Plan, name: str, re
     if s is not None:
         s = s.astype(np.float32)
         x, lo, hi, w = x / s, lo / s, hi / s, w * s[:, None]
-    return simulated_error(x, lo, hi, w, reduce_range, outliers)
+    return simulated_error(x, lo, hi, w, reduce_range, outliers, activation_levels)
 
 
 def smoothed_amax(cal: Calibration, plan: Plan, name: str, tensor: str) -> np.ndarray:

@@ -253,7 +253,10 @@ def run_export(
                     feeds = pair_calibration_feeds(stage / TOKENIZER_FILE, spec.max_length, spec.query_max_length,
                                                    pad_id, opts.calibration_texts, "token_type_ids" in names)
                 else:
-                    opts = quantize.Int8Options()
+                    # bge-m3: 8-bit weights, 7-bit activations (its per-token outputs need the weight bit; see
+                    # export/quantize.py); other embedders keep the 7-bit weights they were measured with
+                    opts = (quantize.Int8Options(reduce_range=False, activation_levels=127) if spec.m3
+                            else quantize.Int8Options())
                     feeds = calibration_feeds(stage / TOKENIZER_FILE, spec.max_length, pad_id, opts.calibration_texts)
                 info = _run(isolate, quantize.quantize_int8, fp32_files[0], dst, feeds, opts)
                 files8 = [f for f in (dst, dst.with_name(dst.name + ".data")) if f.exists()]

@@ -22,7 +22,7 @@ ROWS = 512  # rows per window: 512 x 4096 FFN intermediates are 8 MiB in FP32
 # it cuts the last axis (the INT8 graph's outlier channels), checked in ``_row_wise``.
 ROW_WISE = {"MatMul", "Add", "Mul", "Sub", "Div", "LayerNormalization", "SkipLayerNormalization", "BiasGelu",
             "FastGelu", "Gelu", "Erf", "Relu", "Cast", "QuantizeLinear", "DequantizeLinear", "MatMulIntegerToFloat",
-            "MatMulInteger", "Slice", "Identity"}
+            "MatMulInteger", "Slice", "Identity", "Clip"}
 
 
 def _row_wise(n: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:

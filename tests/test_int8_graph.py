@@ -7,9 +7,11 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper, numpy_helper
 
-from export.int8_graph import fuse_integer_matmuls, scalar_weight_zero_points
+from export.int8_graph import fuse_integer_matmuls, make_activations_static, scalar_weight_zero_points
+from export.quantize import Int8Options
 
 
 def test_int8_graph_has_fused_products_and_scalar_zero_points(tiny_artifact):
@@ -61,6 +63,34 @@ def test_rewrites_keep_the_arithmetic():
         assert [n.op_type for n in rewritten.graph.node] == ["MatMulIntegerToFloat"]
         run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
         np.testing.assert_allclose(run(rewritten), run(plain), rtol=1e-6)
+
+
+def test_seven_bit_activations_never_code_past_127(tmp_path):
+    """With 8-bit weights the activations get codes 0..127 (onnxruntime's AVX2 u8s8 kernel sums code pairs in
+    int16): an input far past the calibrated range must still code at most 127, not QuantizeLinear's 255."""
+    import onnxruntime as ort
+
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "q_scale", "q_zp"], name="dq")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [6])],
+        [helper.make_tensor_value_info("q", onnx.TensorProto.UINT8, [6])])
+    path = tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.array([-50.0, -1.0, 0.0, 0.5, 2.0, 80.0], np.float32)
+    for levels in (255, 127):
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        assert make_activations_static(path, {"x": (-1.0, 2.0)}, levels) == 1
+        q = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert q.max() == levels and q.min() == 0  # clamped at the calibrated range's ends
+        assert q[2] == round(levels / 3)  # zero point: 0.0 sits a third of the way up [-1, 2]
+
+
+def test_eight_bit_weights_need_seven_bit_activations():
+    with pytest.raises(ValueError, match="AVX2"):
+        Int8Options(reduce_range=False)
+    with pytest.raises(ValueError, match="static"):
+        Int8Options(reduce_range=False, activation_levels=127, static_activations=False)
+    assert Int8Options(reduce_range=False, activation_levels=127).activation_levels == 127
 
 
 def test_float_plan_is_exact_before_quantisation(tiny_artifact, tmp_path):
