@@ -1,5 +1,5 @@
 """The CUDA path as far as a CPU machine can exercise it: packaging of the two onnxruntime builds, the
-provider errors, IO binding (the same code path runs on CPU), GPU-style padding, and the device script's
+provider errors, IO binding (run on CPU sessions here), GPU-style padding, and the device script's
 CPU rehearsal. The GPU figures themselves come from `python -m benchmarks.gpu` on a lent GPU."""
 
 from __future__ import annotations
@@ -140,8 +140,24 @@ def test_pad_multiple_rounds_lengths_up_to_max_length():
         list(make_batches(ids, lengths, 0, 1, 4096, pad_multiple=0))
 
 
+def test_io_binding_path_gives_the_plain_runs_outputs(tiny_artifact, bert_reranker):
+    """CUDA runs bind the output into an array of ours (on CPU a plain run is cheaper): the same code on a
+    CPU session gives the plain run's vectors and logits (a reranker's output is [batch], not [batch, 1])."""
+    from runtime import Reranker
+
+    texts = ["你好", "今天天气很好，我们去公园散步吧。", "The quick brown fox.", "a" * 37]
+    pairs = [("天气", t) for t in texts]
+    for model, call in ((Embedder(tiny_artifact, device="cpu", precision="fp32"), lambda m: m.embed(texts)),
+                        (Reranker(bert_reranker, device="cpu", precision="fp32"), lambda m: m.score(pairs))):
+        plain = call(model)
+        model._io_binding = True
+        bound = call(model)
+        assert bound.shape == plain.shape
+        np.testing.assert_array_equal(bound, plain)
+
+
 def test_extra_padding_does_not_change_vectors(tiny_artifact):
-    """IO-bound runs of pre-tokenised batches, padded to 8 or not, agree with embed()."""
+    """Runs of pre-tokenised batches, padded to 8 or not, agree with embed()."""
     emb = Embedder(tiny_artifact, device="cpu", precision="fp32")
     texts = ["你好", "今天天气很好，我们去公园散步吧。", "The quick brown fox.", "a" * 37]
     enc = TextTokenizer(tiny_artifact / "tokenizer.json", emb.max_length).encode(texts)

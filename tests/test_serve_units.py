@@ -281,7 +281,7 @@ def test_large_tokenisation_has_its_own_lane_and_admission():
     lane refuses a request whose characters would not be tokenised within the budget at its measured rate."""
     import threading
 
-    from runtime.serve.tokenize import LARGE_CHARS, Tokenization
+    from runtime.serve.tokenize import INLINE_CHARS, LARGE_CHARS, Tokenization
 
     lanes = Tokenization(workers=1, budget_s=1.0)
     release = threading.Event()
@@ -296,6 +296,10 @@ def test_large_tokenisation_has_its_own_lane_and_admission():
         await asyncio.sleep(0.05)
         assert lanes.queued_chars == 2 * LARGE_CHARS
         assert await lanes.run(10, str.upper, "small") == "SMALL"  # not behind the big one
+        # a query's worth is tokenised on the loop (a thread hop costs more); a bit more goes to a thread
+        here = threading.get_ident()
+        assert await lanes.run(INLINE_CHARS, threading.get_ident) == here
+        assert await lanes.run(INLINE_CHARS + 1, threading.get_ident) != here
         second = asyncio.ensure_future(lanes.run(LARGE_CHARS + 1, slow, "big-2"))
         await asyncio.sleep(0.05)
         with pytest.raises(QueueFull) as refused:  # 3 + 2 large requests' worth: 1.25 s at that rate

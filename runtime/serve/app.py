@@ -658,7 +658,7 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
         finally:
             svc.close()
 
-    app = Starlette(
+    app = _App(
         routes=[
             Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
             Route("/embeddings", openai_embeddings, methods=["POST"]),
@@ -681,4 +681,24 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
         lifespan=lifespan,
     )
     app.state.service = svc
+    app.direct = {r.path: r.endpoint for r in app.routes
+                  if isinstance(r, Route) and r.methods == {"POST"} and "{" not in r.path}
     return app
+
+
+class _App(Starlette):
+    """Starlette, with the fixed-path POST routes (every embedding and rerank route) dispatched straight to
+    their endpoint, which turns every error into a response itself: Starlette's middleware stack and router
+    cost about 0.1 ms of CPU per request (a tenth of a small-model request's server time, measured)."""
+
+    direct: dict[str, Callable[[Request], Any]] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.direct.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                response = await endpoint(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
