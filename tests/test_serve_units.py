@@ -108,6 +108,9 @@ def test_cost_model_fits_runs_and_follows_the_machine():
     for _ in range(100):  # the machine got twice as slow (another process, a throttled CPU)
         cost.observe(8, 128, 2 * truth(8, 128))
     assert cost.predict(8, 128) == pytest.approx(2 * truth(8, 128), rel=1e-3)
+    # a run of 128-token rows may hold this many padded tokens and take at most 50 ms, at the scale now
+    assert cost.tokens_within(0.05, 128) == int((0.05 - 2 * a) / (2 * (b + c * 128)))
+    assert cost.tokens_within(1e-6, 128) == 128  # never less than one row
     with pytest.raises(ValueError):
         BatchCost().fit([])
 
@@ -218,6 +221,28 @@ def test_one_worker_is_kept_for_short_texts_while_they_keep_arriving(tiny_artifa
         assert w._take_batch(0) == [] and len(w._pending) == 1  # kept free: a query arrived just now
         w._queries.popleft()  # one query fewer in the last second: no stream any more
         assert [len(it.ids) for it in w._take_batch(0)] == [len(long_row)]
+
+    asyncio.run(run())
+
+
+def test_no_batch_outlasts_a_quarter_of_the_budget(tiny_emb):
+    """A batch's texts are answered when its run ends, so a free worker takes at most the texts that run
+    within a quarter of the queue-time budget by the cost model (at least one), however many are queued."""
+    async def run():
+        loop = asyncio.get_running_loop()
+        row = tiny_emb.tokenize(["一个短句"]).ids[0]
+        per_text = 0.004  # the cost model says: 4 ms per text of this length, no fixed cost
+        w = _worker(tiny_emb, max_queue_time=4 * 3 * per_text, max_batch_size=32)
+        w.cost.coef = np.array([0.0, per_text / len(row), 0.0])
+        w.submit(_job(loop, 20, tiny_emb.dim), [(i, row, None) for i in range(20)])
+        w._idle = 1  # the other worker is busy: this one could take a full batch of 20
+        sizes = []
+        while w._pending:
+            sizes.append(len(w._take_batch(0)))
+        assert sizes == [3] * 6 + [2]
+        w.cost.scale = 100.0  # the machine got very slow: one text per run, never none
+        w.submit(_job(loop, 2, tiny_emb.dim), [(i, row, None) for i in range(2)])
+        assert len(w._take_batch(0)) == 1
 
     asyncio.run(run())
 

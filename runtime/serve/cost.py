@@ -53,6 +53,15 @@ class BatchCost:
         ratio = min(max(seconds / expected, _SCALE_RANGE[0]), _SCALE_RANGE[1])
         self.scale += _SCALE_SMOOTHING * (ratio - self.scale)
 
+    def tokens_within(self, seconds: float, length: int) -> int:
+        """Padded tokens a run of rows of ``length`` tokens may hold and still take at most ``seconds``
+        (at least one row): what keeps one batch from outlasting the latency it is meant to serve."""
+        a, b, c = self.coef
+        per_token = self.scale * (b + c * length)
+        if per_token <= 0:
+            return 1 << 62
+        return max(length, int((seconds - self.scale * a) / per_token))
+
     def drain_seconds(self, texts: int, tokens: int, squared_lengths: int, batch_size: int) -> float:
         """Time to run ``texts`` queued texts holding ``tokens`` tokens (``squared_lengths`` = the sum of
         each text's length squared) in batches of up to ``batch_size``."""

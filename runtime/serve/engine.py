@@ -47,6 +47,7 @@ log = logging.getLogger("runtime.serve")
 LONG_TOKENS = 128  # a batch whose longest text is over this is long: a worker is kept free of them for queries
 QUERY_STREAM = 5  # ... while at least this many requests of short texts only arrived within the last second
 _QUERY_WINDOW_S = 1.0
+MAX_RUN_SHARE = 0.25  # a batch may take at most this share of the queue-time budget (by the cost model)
 
 
 
@@ -121,6 +122,7 @@ class ModelWorker:
         self._unpadded_past = embedder.unpadded_past
         self._max_batch_size = max_batch_size or default_size
         self._max_queue_time = max_queue_time
+        self._max_run_s = max_queue_time * MAX_RUN_SHARE
         self._max_queue_tokens = max_queue_tokens
         self._pad_id = embedder.manifest.pad_token_id
         self._max_length = embedder.max_length
@@ -308,8 +310,11 @@ class ModelWorker:
         else:
             lengths = np.fromiter((len(it.ids) for it in alive), dtype=np.int64, count=len(alive))
             share = math.ceil(len(alive) / max(1, self._idle))  # the idle workers split the queue
-            plan = plan_batches(lengths, min(self._max_batch_size, share), self._max_batch_tokens,
-                                self._unpadded_past)
+            # a batch's texts are all answered when its run ends: no run may take more than a quarter of the
+            # budget (by the cost model, at the longest queued length), or a text admitted within the budget
+            # would still miss it by one long batch
+            tokens = min(self._max_batch_tokens, self.cost.tokens_within(self._max_run_s, int(lengths.max())))
+            plan = plan_batches(lengths, min(self._max_batch_size, share), tokens, self._unpadded_past)
             # alive is in arrival order, so index 0 is the oldest text
             if now - alive[0].enqueued > self._max_queue_time / 4:
                 pick = next(b for b in plan if (b == 0).any())  # it has waited long enough: its batch now
