@@ -923,7 +923,7 @@ async def run_mix(mix: str, names: list[str], files: dict[str, Path], args: argp
                   work: Workload, reference: dict) -> dict:
     """Every server in turn on one request mix; results written after each server."""
     cfg = config(args, mix)
-    max_queue_s = args.max_queue_time if args.max_queue_time is not None else 0.5 * cfg.slo_ms / 1000
+    max_queue_s = args.max_queue_time if args.max_queue_time is not None else 0.7 * cfg.slo_ms / 1000
     result = {
         "arch": cfg.arch, "mix": mix, "mix_description": mix_description(mix), "slo_ms": cfg.slo_ms,
         "threads": cfg.threads, "duration_s": cfg.duration_s, "min_requests": cfg.min_requests,
@@ -1011,7 +1011,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--slo-ms", type=float, default=None, help="p99 SLO for every mix (default per arch and mix: "
                    + ", ".join(f"{a}/{m} {v:g}" for (a, m), v in SLO_MS.items()) + ")")
     p.add_argument("--max-queue-time", type=float, default=None,
-                   help="seconds passed to runtime.serve --max-queue-time (default: 0.5 x the mix's SLO)")
+                   help="seconds passed to runtime.serve --max-queue-time (default: 0.7 x the mix's SLO)")
     p.add_argument("--ours-cache-size", type=int, default=0,
                    help="runtime.serve --cache-size (default 0: texts repeat across the ladder, nobody else caches)")
     p.add_argument("--threads", type=int, default=2, help="cores of every server: the naive servers' intra-op "
