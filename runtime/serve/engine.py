@@ -13,10 +13,11 @@ Which batch a free worker takes: the one of the shortest texts (a query does not
 512-token document, whose run takes ten times as long), unless the oldest waiting text has waited a quarter
 of the queue-time budget, whose batch then goes first (nothing starves). How many: while other workers are
 idle, a worker takes its share of the queue (the queued texts divided by the free workers), so two queued
-queries run on two workers at once instead of one after the other. While queries keep arriving (requests
-of short texts only, at least ``QUERY_STREAM`` in the last second), long batches (a text over
-``LONG_TOKENS``) run on at most K - 1 workers at once, so a query finds a worker within the time of a short
-run, not of a 512-token one. A request that mixes short and long texts does not count: keeping a worker from
+queries run on two workers at once instead of one after the other; and never more than run within a quarter
+of the budget by the cost model (``MAX_RUN_SHARE``), because a batch's texts are answered only when its run
+ends. While queries keep arriving (requests of short texts only, at least ``QUERY_STREAM`` in the last
+second), long batches (a text over ``LONG_TOKENS``) run on at most K - 1 workers at once, so a query finds a
+worker within the time of a short run, not of a 512-token one. A request that mixes short and long texts does not count: keeping a worker from
 its own long texts would only make it later.
 """
 
