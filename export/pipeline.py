@@ -8,9 +8,10 @@ import gc
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -332,6 +333,29 @@ def run_export(
     return ExportResult(manifest=final, rows=rows)
 
 
+T = TypeVar("T")
+
+
+def _run_variant(name: str, outputs: Callable[[], T]) -> tuple[T | None, str]:
+    """``outputs()`` with the expected warnings (fp16 on CPU, truncation) silenced. An fp16 variant that the
+    CPU provider cannot run (no CUDA here) is not an error: it gives None and the note to record instead."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return outputs(), ""
+    except (EmbedderError, RuntimeError) as exc:
+        if name != "fp16":
+            raise
+        return None, f"not validated: no CUDA, and the CPU provider could not run it ({type(exc).__name__})"
+
+
+def _quality(name: str, labelled: LabelledPairs, rho: float, quality_ref: float) -> dict[str, Any]:
+    """The labelled-pairs figure of a variant: its Spearman to the gold scores as a share of the reference's."""
+    ratio = rho / quality_ref if quality_ref else float("nan")
+    return {"dataset": labelled.name, "pairs": len(labelled.first), "spearman": rho,
+            "reference_spearman": quality_ref, "ratio": ratio, "gate_ratio": QUALITY_GATES[name]}
+
+
 def _validate(
     stage: Path,
     name: str,
@@ -348,20 +372,20 @@ def _validate(
     gate = GATES[name]
     device = _validation_device(name)
     size = variant.size_bytes
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the fp16-on-CPU and truncation warnings are expected here
-            emb = Embedder(stage, device=device, precision=name)
-            vectors = emb.embed(list(probes.PROBES), batch_size=8)
-            labelled_vectors = emb.embed(labelled.texts, batch_size=32) if labelled is not None else None
-            heads_out = (emb.encode(list(probes.PROBES), batch_size=8, dense=False, sparse=True, colbert=True)
-                         if m3_reference is not None else None)
-    except (EmbedderError, RuntimeError) as exc:
-        if name != "fp16":
-            raise
-        note = f"not validated: no CUDA, and the CPU provider could not run it ({type(exc).__name__})"
-        par = Parity(validated=False, gate_min_cosine=gate, note=note)
-        return Row(name, variant.model_file, size, None, None, None, gate, note), par
+
+    def outputs() -> tuple[np.ndarray, np.ndarray | None, Any]:
+        emb = Embedder(stage, device=device, precision=name)
+        vectors = emb.embed(list(probes.PROBES), batch_size=8)
+        labelled_vectors = emb.embed(labelled.texts, batch_size=32) if labelled is not None else None
+        heads_out = (emb.encode(list(probes.PROBES), batch_size=8, dense=False, sparse=True, colbert=True)
+                     if m3_reference is not None else None)
+        return vectors, labelled_vectors, heads_out
+
+    got, not_run = _run_variant(name, outputs)
+    if got is None:
+        par = Parity(validated=False, gate_min_cosine=gate, note=not_run)
+        return Row(name, variant.model_file, size, None, None, None, gate, not_run), par
+    vectors, labelled_vectors, heads_out = got
     fig = parity(vectors, reference)
     passed = fig.min_cosine >= gate
     m3: dict[str, Any] = {}
@@ -373,17 +397,8 @@ def _validate(
         m3["gates"] = M3_GATES[name]
     quality: dict[str, Any] = {}
     if labelled is not None and labelled_vectors is not None and quality_ref is not None:
-        rho = pair_spearman(labelled_vectors, labelled)
-        ratio = rho / quality_ref if quality_ref else float("nan")
-        quality = {
-            "dataset": labelled.name,
-            "pairs": len(labelled.first),
-            "spearman": rho,
-            "reference_spearman": quality_ref,
-            "ratio": ratio,
-            "gate_ratio": QUALITY_GATES[name],
-        }
-        passed = passed and ratio >= QUALITY_GATES[name]
+        quality = _quality(name, labelled, pair_spearman(labelled_vectors, labelled), quality_ref)
+        passed = passed and quality["ratio"] >= QUALITY_GATES[name]
     par = Parity(
         validated=True,
         min_cosine=fig.min_cosine,
@@ -426,27 +441,23 @@ def _validate_reranker(
 
     device = _validation_device(name)
     size = variant.size_bytes
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the fp16-on-CPU and truncation warnings are expected here
-            rr = Reranker(stage, device=device, precision=name)
-            scores = [rr.score(g, batch_size=8) for g in groups]
-            labelled_scores = rr.score(labelled.pairs, batch_size=32) if labelled is not None else None
-    except (EmbedderError, RuntimeError) as exc:
-        if name != "fp16":
-            raise
-        note = f"not validated: no CUDA, and the CPU provider could not run it ({type(exc).__name__})"
-        return Row(name, variant.model_file, size, None, None, None, 0.0, note), Parity(validated=False, note=note)
+
+    def outputs() -> tuple[list[np.ndarray], np.ndarray | None]:
+        rr = Reranker(stage, device=device, precision=name)
+        scores = [rr.score(g, batch_size=8) for g in groups]
+        return scores, rr.score(labelled.pairs, batch_size=32) if labelled is not None else None
+
+    got, not_run = _run_variant(name, outputs)
+    if got is None:
+        return Row(name, variant.model_file, size, None, None, None, 0.0, not_run), Parity(validated=False, note=not_run)
+    scores, labelled_scores = got
     fig = ranking_figures(scores, reference)
     gated = name == "fp32" or not random_weights
     passed = ranking_passes(name, fig) or not gated
     quality: dict[str, Any] = {}
     if labelled is not None and labelled_scores is not None and quality_ref is not None:
-        rho = spearman(labelled_scores, labelled.score)
-        ratio = rho / quality_ref if quality_ref else float("nan")
-        quality = {"dataset": labelled.name, "pairs": len(labelled.first), "spearman": rho,
-                   "reference_spearman": quality_ref, "ratio": ratio, "gate_ratio": QUALITY_GATES[name]}
-        passed = passed and ratio >= QUALITY_GATES[name]
+        quality = _quality(name, labelled, spearman(labelled_scores, labelled.score), quality_ref)
+        passed = passed and quality["ratio"] >= QUALITY_GATES[name]
     par = Parity(
         validated=True,
         max_abs_diff=fig["max_abs_logit_diff"],

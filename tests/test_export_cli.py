@@ -140,3 +140,19 @@ def test_reexport_replaces_an_existing_artifact(tiny_checkpoint, tiny_artifact, 
     assert main(["--model", str(tiny_checkpoint), "--out", str(out), "--precision", "fp32"]) == 0
     assert set(json.loads((out / "manifest.json").read_text())["variants"]) == {"fp32"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_an_fp16_variant_the_cpu_cannot_run_is_recorded_not_fatal():
+    """Without CUDA, an FP16 graph the CPU provider cannot run is recorded as not validated (the manifest
+    says why); the same failure in an FP32 or INT8 variant stops the export."""
+    from export.pipeline import _run_variant
+
+    def fails():
+        raise RuntimeError("no kernel for this op")
+
+    got, note = _run_variant("fp16", fails)
+    assert got is None and note.startswith("not validated: no CUDA") and "RuntimeError" in note
+    assert _run_variant("fp16", lambda: 3) == (3, "")
+    for name in ("fp32", "int8"):
+        with pytest.raises(RuntimeError, match="no kernel"):
+            _run_variant(name, fails)
