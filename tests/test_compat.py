@@ -5,6 +5,7 @@ store."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -101,18 +102,30 @@ def test_flagmodel_tensor_output_and_refusals(flag, tiny_artifact):
 
 # -- FlagModel against FlagEmbedding itself ----------------------------------------------------------------
 def _flag_env(root: Path) -> Path:
-    """A venv with FLAG_PINS that sees this interpreter's packages (torch, numpy) after its own."""
+    """A venv with FLAG_PINS that sees this interpreter's packages (torch, numpy) after its own.
+
+    The env outlives a checkout (it sits in /tmp), so it is keyed on the parent it was built against: pip skips
+    what the parent already has, and an env pointing at a parent that moved or was rebuilt lacks numpy or tqdm.
+    """
     python = root / "bin" / "python"
-    marker = root / ("ready-" + "-".join(FLAG_PINS).replace("==", "_"))
+    parent = sysconfig.get_paths()["purelib"]
+    key = hashlib.sha256(parent.encode()).hexdigest()[:12]
+    marker = root / ("ready-" + "-".join(FLAG_PINS).replace("==", "_") + "-" + key)
     if marker.exists():
         return python
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=120)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=120)
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    (Path(site) / "zz_bge_onnx_parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (Path(site) / "zz_bge_onnx_parent.pth").write_text(parent + "\n")
+    for old in root.glob("ready-*"):
+        old.unlink()
     out = subprocess.run([str(python), "-m", "pip", "install", "-q", *FLAG_PINS], capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, f"installing {FLAG_PINS} failed (needs PyPI):\n{out.stderr[-3000:]}"
+    check = subprocess.run([str(python), "-c", "import numpy, torch, tqdm, FlagEmbedding"], capture_output=True,
+                           text=True, timeout=300)
+    assert check.returncode == 0, f"the FlagEmbedding env at {root} cannot import its stack:\n{check.stderr[-3000:]}"
     marker.touch()
     return python
 
