@@ -268,7 +268,7 @@ def test_worker_refuses_past_its_queue_limit_and_drops_dead_work(tiny_emb):
 
 def test_admission_by_time_waits_for_the_queue_to_show_it(tiny_emb):
     """Over budget by the estimate alone is refused only once the queue's oldest text has waited a quarter
-    of the budget, or when the estimate is twice the budget."""
+    of the budget more than one run takes, or when the estimate is twice the budget."""
     async def run():
         loop = asyncio.get_running_loop()
         w = _worker(tiny_emb, max_queue_time=0.015, max_batch_size=32)
@@ -276,6 +276,8 @@ def test_admission_by_time_waits_for_the_queue_to_show_it(tiny_emb):
         row = tiny_emb.tokenize(["短句"]).ids[0]
         w.submit(_job(loop, 40, tiny_emb.dim), [(i, row, None) for i in range(40)])  # 2 runs queued: 20 ms
         w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])  # over budget, but the queue is fresh
+        w._pending[0].enqueued -= 0.008  # a quarter of the budget (3.75 ms), but less than that plus one run (10 ms)
+        w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])  # it may just be waiting for the busy worker
         w._pending[0].enqueued -= 1.0  # now the oldest text has waited a second: the queue is not draining
         with pytest.raises(QueueFull) as exc:
             w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])

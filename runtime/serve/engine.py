@@ -225,13 +225,16 @@ class ModelWorker:
                     ahead = self.queue_seconds()
                     done = self.queue_seconds(len(rows), tokens, sq)
                     charged = ahead + min(done - ahead, self._max_queue_time / 2)
-                    # an estimate over budget is acted on once the queue shows it: its oldest text has waited a
-                    # quarter of the budget (it is not draining), or the estimate is twice the budget. A clump of
-                    # requests that arrived together (the event loop got the CPU back after a run) drains in
-                    # one batch and is not refused for the estimate's noise.
-                    oldest = now - self._pending[0].enqueued
+                    # an estimate over budget is acted on once the queue shows it: its oldest text has waited a quarter
+                    # of the budget longer than one run of its own takes (a text waits that long for a busy worker even
+                    # on a half-idle server, and on a large model one run is a quarter of the budget by itself), or the
+                    # estimate is twice the budget. A clump of requests that arrived together (a Poisson burst, or the
+                    # event loop got the CPU back after a run) drains and is not refused for the estimate's noise.
+                    head = self._pending[0]
+                    oldest = now - head.enqueued
+                    patience = self._max_queue_time / 4 + self.cost.predict(1, len(head.ids))
                     if charged > self._max_queue_time and (
-                            oldest > self._max_queue_time / 4 or charged > 2 * self._max_queue_time):
+                            oldest > patience or charged > 2 * self._max_queue_time):
                         self._shed(f"its texts would be done in about {done * 1000:.0f} ms ({ahead * 1000:.0f} ms "
                                    f"of work queued ahead), over the budget of {self._max_queue_time * 1000:.0f} ms "
                                    "(--max-queue-time)", ahead)
