@@ -261,7 +261,15 @@ def ours_layout(layout: str | None, threads: int) -> tuple[int, int]:
     return threads, 1
 
 
-def ours_spec(files: dict[str, Path], threads: int, max_queue_s: float, cache_size: int,
+def admission_args(args: argparse.Namespace, slo_ms: float) -> list[str]:
+    """How ours is told the SLO: ``--latency-target`` (the budget measured against it; what an operator with
+    a latency SLO passes), or the fixed ``--max-queue-time`` when the benchmark is given one."""
+    if args.max_queue_time is not None:
+        return ["--max-queue-time", f"{args.max_queue_time:g}"]
+    return ["--latency-target", f"{slo_ms / 1000:g}"]
+
+
+def ours_spec(files: dict[str, Path], threads: int, admission: list[str], cache_size: int,
               layout: tuple[int, int]) -> ServerSpec:
     """runtime.serve on ``threads`` cores as ``layout`` (workers, threads each); its exact-match vector cache
     is off by default (--ours-cache-size), because the ladder repeats texts from finite pools and no other
@@ -273,11 +281,11 @@ def ours_spec(files: dict[str, Path], threads: int, max_queue_s: float, cache_si
     def command(port: int) -> tuple[list[str], dict[str, str], Path]:
         argv = [sys.executable, "-m", "runtime.serve", "--model", f"{MODEL_NAME}={files['artifact']}",
                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--threads",
-                str(per_worker), "--max-queue-time", f"{max_queue_s:g}", "--cache-size", str(cache_size)]
+                str(per_worker), *admission, "--cache-size", str(cache_size)]
         return argv, base_env(threads), ROOT
 
-    return ServerSpec("ours", command, note=f"{workers} workers x {per_worker} thread(s), --max-queue-time "
-                      f"{max_queue_s:g}s --cache-size {cache_size}")
+    return ServerSpec("ours", command, note=f"{workers} workers x {per_worker} thread(s), {' '.join(admission)} "
+                      f"--cache-size {cache_size}")
 
 
 def infinity_spec(files: dict[str, Path], threads: int, arch: str, instruction: str) -> ServerSpec:
@@ -702,12 +710,12 @@ def reference_vectors(artifact: Path, threads: int) -> dict:
     return ref
 
 
-def build_spec(name: str, files: dict[str, Path], args: argparse.Namespace, max_queue_s: float,
+def build_spec(name: str, files: dict[str, Path], args: argparse.Namespace, admission: list[str],
                instruction: str) -> ServerSpec:
     if name in NAIVE:
         return naive_spec(name, files, args.threads)
     if name == "ours":
-        return ours_spec(files, args.threads, max_queue_s, args.ours_cache_size,
+        return ours_spec(files, args.threads, admission, args.ours_cache_size,
                          ours_layout(args.ours_layout, args.threads))
     if name == "infinity":
         return infinity_spec(files, args.threads, args.model_arch, instruction)
@@ -923,11 +931,11 @@ async def run_mix(mix: str, names: list[str], files: dict[str, Path], args: argp
                   work: Workload, reference: dict) -> dict:
     """Every server in turn on one request mix; results written after each server."""
     cfg = config(args, mix)
-    max_queue_s = args.max_queue_time if args.max_queue_time is not None else 0.7 * cfg.slo_ms / 1000
+    admission = admission_args(args, cfg.slo_ms)
     result = {
         "arch": cfg.arch, "mix": mix, "mix_description": mix_description(mix), "slo_ms": cfg.slo_ms,
         "threads": cfg.threads, "duration_s": cfg.duration_s, "min_requests": cfg.min_requests,
-        "timeout_s": cfg.timeout_s, "seed": cfg.seed, "max_queue_time_s": max_queue_s,
+        "timeout_s": cfg.timeout_s, "seed": cfg.seed, "ours_admission": " ".join(admission),
         "ours_cache_size": args.ours_cache_size,
         "connections": cfg.connections, "rates": cfg.rates, "start_rps": cfg.start_rps,
         "machine": machine(), "servers": [],
@@ -946,7 +954,7 @@ async def run_mix(mix: str, names: list[str], files: dict[str, Path], args: argp
         say(f"model alone: {result['model_alone']}")
     for name in names:
         try:
-            spec = build_spec(name, files, args, max_queue_s, reference["instruction"])
+            spec = build_spec(name, files, args, admission, reference["instruction"])
         except Unavailable as exc:
             entry = {"server": name, "label": LABELS[name], "unavailable": str(exc)}
         else:
@@ -1011,7 +1019,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--slo-ms", type=float, default=None, help="p99 SLO for every mix (default per arch and mix: "
                    + ", ".join(f"{a}/{m} {v:g}" for (a, m), v in SLO_MS.items()) + ")")
     p.add_argument("--max-queue-time", type=float, default=None,
-                   help="seconds passed to runtime.serve --max-queue-time (default: 0.7 x the mix's SLO)")
+                   help="a fixed runtime.serve --max-queue-time in seconds (default: --latency-target the mix's SLO)")
     p.add_argument("--ours-cache-size", type=int, default=0,
                    help="runtime.serve --cache-size (default 0: texts repeat across the ladder, nobody else caches)")
     p.add_argument("--threads", type=int, default=2, help="cores of every server: the naive servers' intra-op "

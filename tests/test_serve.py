@@ -338,6 +338,29 @@ def test_overload_gets_429_with_retry_after_and_no_5xx(small_queue_server, minil
     assert small_queue_server.metric("bge_shed_requests_total", model="m") == statuses[429]
 
 
+def test_latency_target_measures_the_budget(tiny_artifact, tmp_path):
+    """With --latency-target the budget starts at 0.7 of it and, once requests have been answered, is the
+    target less their measured overshoot (here light load: near the 0.9 cap); /info and /metrics show it."""
+    srv = start_server(["--model", f"t={tiny_artifact}", "--latency-target", "0.05", "--cache-size", "0"], tmp_path)
+    try:
+        def budget() -> tuple[float, float | None]:
+            info = httpx.get(srv.url + "/info").json()
+            assert info["limits"]["latency_target"] == 0.05 and info["limits"]["max_queue_time"] is None
+            return info["models"][0]["queue_budget_seconds"], info["models"][0]["measured_overshoot_seconds"]
+
+        assert budget()[0] == pytest.approx(0.035) and srv.metric("bge_queue_budget_seconds", model="t") == \
+            pytest.approx(0.035)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            for i in range(100):
+                assert c.post("/v1/embeddings", json={"input": [f"第{i}个句子"]}).status_code == 200
+        seconds, overshoot = budget()
+        assert overshoot is not None and 0 <= overshoot < 0.025, overshoot
+        assert seconds == pytest.approx(min(0.045, 0.05 - overshoot))
+        assert srv.metric("bge_queue_budget_seconds", model="t") == pytest.approx(seconds)
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
 @pytest.fixture(scope="module")
 def deadline_server(minilm_artifact, tmp_path_factory):
     srv = start_server(["--model", f"m={minilm_artifact}", "--request-timeout", "0.5", "--cache-size", "0",

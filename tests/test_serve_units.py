@@ -37,6 +37,10 @@ def test_options_from_environment_and_command_line(monkeypatch, tmp_path):
     assert [m.name for m in cfg.models] == ["b"] and cfg.port == 9002
     monkeypatch.delenv("BGE_SERVE_MAX_QUEUE_TIME")
     assert parse_args(["--model", str(tmp_path), "--request-timeout", "8"]).queue_time_budget == 4.0
+    cfg = parse_args(["--model", str(tmp_path), "--latency-target", "0.1"])
+    assert cfg.latency_target == 0.1 and cfg.queue_time_budget == pytest.approx(0.07)
+    with pytest.raises(SystemExit):  # two ways to set one budget
+        parse_args(["--model", str(tmp_path), "--latency-target", "0.1", "--max-queue-time", "0.05"])
 
 
 @pytest.mark.parametrize("argv,env,message", [
@@ -286,6 +290,65 @@ def test_admission_by_time_waits_for_the_queue_to_show_it(tiny_emb):
         w.submit(_job(loop, 60, tiny_emb.dim), [(i, row, None) for i in range(60)])  # fresh, 4 runs: 40 ms
         with pytest.raises(QueueFull):  # twice the budget: refused at once
             w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])
+
+    asyncio.run(run())
+
+
+def test_measured_budget_follows_the_overshoot():
+    """With a latency target the budget starts at 0.7 of it, then is the target less the p99 of how much
+    longer than predicted the recent requests took, within 0.5-0.9 of the target."""
+    from runtime.serve import budget as b
+
+    fixed = b.QueueBudget(fixed=0.07)
+    fixed.observe(0.01, 5.0)
+    assert fixed.seconds == 0.07 and not fixed.adaptive
+    with pytest.raises(ValueError):
+        b.QueueBudget(fixed=0.07, target=0.1)
+    with pytest.raises(ValueError):
+        b.QueueBudget()
+    q = b.QueueBudget(target=0.1)
+    assert q.seconds == pytest.approx(0.07)
+    for _ in range(b.MIN_SAMPLES - 1):
+        q.observe(0.020, 0.025)  # 5 ms more than predicted
+    assert q.seconds == pytest.approx(0.07)  # not enough requests measured yet
+    q.observe(0.020, 0.025)
+    assert q.seconds == pytest.approx(0.09)  # 100 - 5 ms, capped at 0.9 of the target
+    for _ in range(b.WINDOW):
+        q.observe(0.020, 0.045)  # runs got slower: 25 ms over
+    assert q.overshoot == pytest.approx(0.025) and q.seconds == pytest.approx(0.075)
+    for _ in range(b.WINDOW):
+        q.observe(0.020, 0.200)  # far over: never below half the target
+    assert q.seconds == pytest.approx(0.05)
+    rng = np.random.default_rng(0)
+    over = rng.exponential(0.004, b.WINDOW)  # a spread: the budget leaves the p99 of it
+    for o in over:
+        q.observe(0.030, 0.030 + o)
+    assert q.seconds == pytest.approx(0.1 - np.quantile(over, 0.99), abs=1e-9)
+
+
+def test_admission_uses_the_measured_budget(tiny_emb):
+    """A request whose estimate passes 0.7 of the target is refused until the requests answered show the
+    estimates hold; then the budget rises and it gets in. The refusal names --latency-target."""
+    async def run():
+        loop = asyncio.get_running_loop()
+        w = _worker(tiny_emb, max_queue_time=None, latency_target=0.1, max_batch_size=32)
+        assert w.budget.seconds == pytest.approx(0.07)
+        w.cost.coef = np.array([0.02, 0.0, 0.0])  # 20 ms a run, whatever is in it
+        row = tiny_emb.tokenize(["短句"]).ids[0]
+        assert w._workers == 1  # the fixture's Embedder: one worker
+        w.submit(_job(loop, 96, tiny_emb.dim), [(i, row, None) for i in range(96)])  # 3 runs queued: 60 ms
+        w._pending[0].enqueued -= 1.0  # the queue has shown it: over-budget estimates are acted on
+        with pytest.raises(QueueFull) as exc:  # 80 ms with its own run: over 70
+            w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])
+        assert "over the budget of 70 ms (--latency-target" in exc.value.reason
+        done = _job(loop, 1, tiny_emb.dim)
+        done.predicted = 0.060
+        for _ in range(64):
+            w.observe_latency(done, 0.064)  # answered 4 ms after the estimate
+        assert w.budget.seconds == pytest.approx(0.09)
+        job = _job(loop, 1, tiny_emb.dim)
+        w.submit(job, [(0, row, None)])
+        assert job.predicted == pytest.approx(0.08)
 
     asyncio.run(run())
 

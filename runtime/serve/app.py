@@ -115,7 +115,8 @@ class EmbeddingService:
                 emb = model_class(spec.path, device=cfg.device, precision=cfg.precision, threads=threads,
                                   max_batch_tokens=cfg.max_batch_tokens, spinning=cfg.spinning, workers=workers)
                 worker = ModelWorker(spec.name, emb, self.cache, self.metrics, max_batch_size=cfg.batch_size,
-                                     max_queue_time=cfg.queue_time_budget, max_queue_tokens=cfg.max_queue_tokens)
+                                     max_queue_time=None if cfg.latency_target else cfg.queue_time_budget,
+                                     max_queue_tokens=cfg.max_queue_tokens, latency_target=cfg.latency_target)
                 self.state.detail = f"warming up model {spec.name!r}"
                 t0 = time.perf_counter()
                 worker.warm_up()
@@ -303,6 +304,7 @@ class EmbeddingService:
             except QueueFull as full:
                 raise _queue_full(worker.name, full) from None
             await self._wait(request, job, arrived)
+            worker.observe_latency(job, time.monotonic() - arrived)
         self.metrics.prompt_tokens.labels(worker.name).inc(n_tokens)
         headers = {
             "x-tokenization-time": f"{tokenize_s * 1000:.3f}",
@@ -627,10 +629,13 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
                                "seconds_per_text_length_squared": float(w.cost.coef[2]),
                                "scale": float(w.cost.scale)},
                 "queue_seconds": w.queue_seconds(),
+                "queue_budget_seconds": w.budget.seconds,
+                "measured_overshoot_seconds": w.budget.overshoot if w.budget.adaptive else None,
             })
         limits = {k: getattr(config, k) for k in ("max_inputs", "max_request_tokens", "max_body_bytes",
                                                   "request_timeout", "cache_size")}
-        limits["max_queue_time"] = config.queue_time_budget
+        limits["max_queue_time"] = None if config.latency_target else config.queue_time_budget
+        limits["latency_target"] = config.latency_target
         return json_response({"version": __version__, "status": svc.state.phase, "models": out, "limits": limits})
 
     @route("/metrics")

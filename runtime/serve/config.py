@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..providers import usable_cores
+from .budget import INITIAL_SHARE
 
 ENV_PREFIX = "BGE_SERVE_"
 
@@ -35,7 +36,8 @@ class ServeConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     max_text_chars: int = 1024 * 1024
     request_timeout: float = 30.0
-    max_queue_time: float | None = None  # None: half the request timeout
+    max_queue_time: float | None = None  # None: half the request timeout (or measured, with latency_target)
+    latency_target: float | None = None
     max_queue_tokens: int | None = None
     cache_size: int = 10000
     api_key: str | None = None
@@ -64,6 +66,9 @@ class ServeConfig:
 
     @property
     def queue_time_budget(self) -> float:
+        """The fixed budget, or the measured budget's starting value with --latency-target."""
+        if self.latency_target is not None:
+            return INITIAL_SHARE * self.latency_target
         return self.max_queue_time if self.max_queue_time is not None else self.request_timeout / 2
 
 
@@ -166,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--max-queue-time", type=_positive_float, default=None, help="admission budget in seconds: a request is "
         "refused with 429 when, by the server's cost model, the running batch, the work queued ahead and its own "
         "texts (counted up to half the budget) would take longer than this (default: half the request timeout; "
-        "for a latency SLO, about 0.7 of it)")
+        "for a latency SLO, pass --latency-target instead)")
+    opt("--latency-target", type=_positive_float, default=None, help="latency SLO in seconds (a p99): the admission "
+        "budget becomes this target less the overshoot (p99 of answer time minus admission's estimate) measured "
+        "on the last 512 requests, kept within 0.5-0.9 of the target; starts at 0.7 of it. Replaces "
+        "--max-queue-time")
     opt("--max-queue-tokens", type=_positive_int, default=None, help="fixed admission limit in queued tokens "
         "(overrides --max-queue-time)")
     opt("--cache-size", type=_non_negative_int, default=10000, help="entries of the exact-match vector cache per "
@@ -211,4 +220,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
         return value
 
     fields = {k: typed(k, v) for k, v in vars(args).items() if k not in ("model", "_env_models")}
+    if fields["max_queue_time"] is not None and fields["latency_target"] is not None:
+        parser.error("--max-queue-time and --latency-target both set the admission budget: pass one (a latency SLO: "
+                     "--latency-target; a fixed budget: --max-queue-time)")
     return ServeConfig(models=tuple(models), **fields)  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ from ..batching import pad_batch, plan_batches
 from ..errors import EmbedderError
 from ..pairs import segment_ids
 from ..session import ModelSession
+from .budget import QueueBudget
 from .cache import VectorCache
 from .cost import BatchCost
 from .errors import QueueFull
@@ -69,6 +70,7 @@ class Job:
     cancelled: str | None = None
     queue_time: float = 0.0
     inference_time: float = 0.0
+    predicted: float = 0.0  # seconds from admission to done, by the cost model (what the budget is checked on)
     error: Exception | None = None
     heads: bool = False  # bge-m3: the job also wants each row's lexical weights and ColBERT matrix
     lexical: list[dict[int, float]] = field(init=False)
@@ -113,8 +115,9 @@ class ModelWorker:
         metrics: Metrics,
         *,
         max_batch_size: int | None,
-        max_queue_time: float,
+        max_queue_time: float | None,
         max_queue_tokens: int | None,
+        latency_target: float | None = None,
     ) -> None:
         self.name = name
         self.embedder = embedder
@@ -122,8 +125,12 @@ class ModelWorker:
         default_size, self._max_batch_tokens, self._pad_multiple = embedder.batch_limits
         self._unpadded_past = embedder.unpadded_past
         self._max_batch_size = max_batch_size or default_size
-        self._max_queue_time = max_queue_time
-        self._max_run_s = max_queue_time * MAX_RUN_SHARE
+        # admission compares its estimate with budget.seconds (fixed, or measured against a latency target);
+        # the batch cap and the starvation rule keep the budget's starting value, so batches do not change
+        # shape as the measured budget moves
+        self.budget = QueueBudget(max_queue_time, latency_target)
+        self._max_queue_time = self.budget.seconds
+        self._max_run_s = self._max_queue_time * MAX_RUN_SHARE
         self._max_queue_tokens = max_queue_tokens
         self._pad_id = embedder.manifest.pad_token_id
         self._max_length = embedder.max_length
@@ -152,6 +159,8 @@ class ModelWorker:
         self._m_dropped = {r: m.dropped_texts.labels(name, r) for r in ("deadline", "disconnected", "failed")}
         self._m_shed = m.shed_requests.labels(name)
         self._m_busy = m.busy_workers.labels(name)
+        self._m_budget = m.queue_budget.labels(name)
+        self._m_budget.set(self.budget.seconds)
         m.workers.labels(name).set(self._workers)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -213,6 +222,9 @@ class ModelWorker:
         sq = sum(len(ids) ** 2 for _, ids, _ in rows)
         now = time.monotonic()
         with self._cond:
+            budget = self.budget.seconds
+            if self._max_queue_tokens is None:
+                job.predicted = self.queue_seconds(len(rows), tokens, sq)
             if self._pending:
                 if self._max_queue_tokens is not None:
                     if self._queued_tokens + tokens > self._max_queue_tokens:
@@ -223,8 +235,8 @@ class ModelWorker:
                     # texts, which join the queued ones in batches. Its own share counts at most half the budget,
                     # so a request that is big by itself still gets in when little is queued ahead of it.
                     ahead = self.queue_seconds()
-                    done = self.queue_seconds(len(rows), tokens, sq)
-                    charged = ahead + min(done - ahead, self._max_queue_time / 2)
+                    done = job.predicted
+                    charged = ahead + min(done - ahead, budget / 2)
                     # an estimate over budget is acted on once the queue shows it: its oldest text has waited a quarter
                     # of the budget longer than one run of its own takes (a text waits that long for a busy worker even
                     # on a half-idle server, and on a large model one run is a quarter of the budget by itself), or the
@@ -232,12 +244,13 @@ class ModelWorker:
                     # event loop got the CPU back after a run) drains and is not refused for the estimate's noise.
                     head = self._pending[0]
                     oldest = now - head.enqueued
-                    patience = self._max_queue_time / 4 + self.cost.predict(1, len(head.ids))
-                    if charged > self._max_queue_time and (
-                            oldest > patience or charged > 2 * self._max_queue_time):
+                    patience = budget / 4 + self.cost.predict(1, len(head.ids))
+                    if charged > budget and (oldest > patience or charged > 2 * budget):
+                        source = ("--latency-target less the overshoot measured on recent requests"
+                                  if self.budget.adaptive else "--max-queue-time")
                         self._shed(f"its texts would be done in about {done * 1000:.0f} ms ({ahead * 1000:.0f} ms "
-                                   f"of work queued ahead), over the budget of {self._max_queue_time * 1000:.0f} ms "
-                                   "(--max-queue-time)", ahead)
+                                   f"of work queued ahead), over the budget of {budget * 1000:.0f} ms ({source})",
+                                   ahead)
             job.remaining = len(rows)
             if all(len(ids) <= LONG_TOKENS for _, ids, _ in rows):
                 self._queries.append(now)
@@ -250,6 +263,13 @@ class ModelWorker:
             self._m_queue_texts.set(len(self._pending))
             self._m_queue_tokens.set(self._queued_tokens)
             self._cond.notify()
+
+    def observe_latency(self, job: Job, elapsed: float) -> None:
+        """Event loop: ``job``'s request was answered ``elapsed`` seconds after it arrived (feeds the measured
+        budget of ``--latency-target``)."""
+        if self.budget.adaptive:
+            self.budget.observe(job.predicted, elapsed)
+            self._m_budget.set(self.budget.seconds)
 
     def _shed(self, reason: str, wait_s: float) -> None:
         self._m_shed.inc()

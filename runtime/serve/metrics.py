@@ -43,6 +43,9 @@ class Metrics:
             "bge_busy_workers", "Inference workers running a batch now (saturated when it stays at "
             "bge_workers).", ["model"], registry=r)
         self.workers = Gauge("bge_workers", "Inference workers of the model.", ["model"], registry=r)
+        self.queue_budget = Gauge(
+            "bge_queue_budget_seconds", "Predicted completion time admission accepts (--max-queue-time, or "
+            "--latency-target less the overshoot measured on recent requests).", ["model"], registry=r)
         self.shed_requests = Counter(
             "bge_shed_requests", "Requests refused with 429 because the queue was full.", ["model"], registry=r)
 
