@@ -49,6 +49,7 @@ log = logging.getLogger("runtime.serve")
 LONG_TOKENS = 128  # a batch whose longest text is over this is long: a worker is kept free of them for queries
 QUERY_STREAM = 5  # ... while at least this many requests of short texts only arrived within the last second
 _QUERY_WINDOW_S = 1.0
+SHED_LOG_EVERY_S = 10.0  # at most one log line about refused requests per model this often
 MAX_RUN_SHARE = 0.25  # a batch may take at most this share of the queue-time budget (by the cost model)
 
 
@@ -159,6 +160,7 @@ class ModelWorker:
         self._m_dropped = {r: m.dropped_texts.labels(name, r) for r in ("deadline", "disconnected", "failed")}
         self._m_shed = m.shed_requests.labels(name)
         self._m_busy = m.busy_workers.labels(name)
+        self._shed_logged, self._shed_since_log = -SHED_LOG_EVERY_S, 0
         self._m_budget = m.queue_budget.labels(name)
         self._m_budget.set(self.budget.seconds)
         m.workers.labels(name).set(self._workers)
@@ -273,6 +275,13 @@ class ModelWorker:
 
     def _shed(self, reason: str, wait_s: float) -> None:
         self._m_shed.inc()
+        self._shed_since_log += 1
+        now = time.monotonic()
+        if now - self._shed_logged >= SHED_LOG_EVERY_S:  # an operator sees why, without a line per refusal
+            log.warning("model %s: %d request(s) refused with 429 since the last such line; the latest: %s; "
+                        "%d texts queued, runs taking %.2fx the warm-up cost model", self.name,
+                        self._shed_since_log, reason, len(self._pending), self.cost.scale)
+            self._shed_logged, self._shed_since_log = now, 0
         raise QueueFull(max(1, math.ceil(wait_s)), reason)
 
     # -- the worker thread -------------------------------------------------------------------
