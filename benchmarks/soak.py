@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     r = soak(args.artifact, args.batches, args.precision, args.max_batch, threads=args.threads)
-    print(f"| batches | texts | tokens | seconds | RSS start | after warm-up | end | peak | growth after warm-up |")
-    print(f"|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batches | texts | tokens | seconds | RSS start | after warm-up | end | peak | growth after warm-up |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {r.batches} | {r.texts} | {r.tokens} | {r.seconds:.0f} | {r.rss_start_mb:.0f} MB | "
         f"{r.rss_after_warmup_mb:.0f} MB | {r.rss_end_mb:.0f} MB | {r.rss_peak_mb:.0f} MB | {100 * r.growth_after_warmup:+.1f}% |"
