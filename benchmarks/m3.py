@@ -159,7 +159,7 @@ def sgemm_gflops(threads: int = 2, seconds: float = 3.0) -> float:
 
 def run(artifact: Path, checkpoint: Path | None, cases: list[tuple[int, int]], engines: list[str], work: Path,
         timeout: float, lite: Path | None = None) -> list[dict]:
-    rows = []
+    rows, arch = [], architecture(checkpoint)  # read config.json once, not per row
     for length, n in cases:
         path = work / f"texts-{length}.json"
         texts = texts_of(length, n, artifact / "tokenizer.json")
@@ -189,7 +189,7 @@ def run(artifact: Path, checkpoint: Path | None, cases: list[tuple[int, int]], e
                 row["ids_equal"] = same
             if "seconds" in got:
                 row["texts_per_s"] = n / got["seconds"]
-                row["gflops"] = encoder_flops(length, n, **architecture(checkpoint)) / got["seconds"] / 1e9
+                row["gflops"] = encoder_flops(length, n, **arch) / got["seconds"] / 1e9
             rows.append(row)
             print(f"  {engine:>14} {length:>5} tokens x {n:>2}: "
                   + (f"{got['seconds']:.2f} s, peak {got['peak_gib']:.2f} GiB" if "seconds" in got else got["error"])

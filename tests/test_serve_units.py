@@ -294,6 +294,31 @@ def test_admission_by_time_waits_for_the_queue_to_show_it(tiny_emb):
     asyncio.run(run())
 
 
+def test_refusals_are_logged_once_per_interval_with_the_count(tiny_emb, caplog):
+    """An operator sees why requests are refused, one line per model per SHED_LOG_EVERY_S, not one per 429."""
+    from runtime.serve import engine
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        w = _worker(tiny_emb, max_queue_time=0.015, max_batch_size=32)
+        w.cost.coef = np.array([0.01, 0.0, 0.0])  # 10 ms a run
+        row = tiny_emb.tokenize(["短句"]).ids[0]
+        w.submit(_job(loop, 100, tiny_emb.dim), [(i, row, None) for i in range(100)])  # 4 runs, 40 ms: over twice 15
+        with caplog.at_level("WARNING", logger="runtime.serve"):
+            for _ in range(3):
+                with pytest.raises(QueueFull):
+                    w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])
+            first = [r.getMessage() for r in caplog.records]
+            w._shed_logged -= engine.SHED_LOG_EVERY_S  # the interval has passed
+            with pytest.raises(QueueFull):
+                w.submit(_job(loop, 1, tiny_emb.dim), [(0, row, None)])
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(first) == 1 and "1 request(s) refused" in first[0] and "100 texts queued" in first[0]
+        assert len(lines) == 2 and "3 request(s) refused" in lines[1]  # the two held back and this one
+
+    asyncio.run(run())
+
+
 def test_measured_budget_follows_the_overshoot():
     """With a latency target the budget starts at 0.7 of it, then is the target less the p99 of how much
     longer than predicted the recent requests took, within 0.5-0.9 of the target."""
