@@ -5,8 +5,8 @@ peak resident memory is that case's own.
     python -m benchmarks.m3 --artifact DIR --checkpoint DIR [--lite DIR] [--lengths 128:16,512:8,2048:2,8192:1]
 
 ``--artifact``: ``python -m export --random-init bge-m3 --out DIR`` (or a real bge-m3 export); ``--checkpoint``: the
-Hugging Face directory it came from (``--random-init`` keeps none: ``--keep-checkpoint`` below materialises the
-same seeded one). ``--lite``: bge-m3-lite's graphs of the same checkpoint, run by bge-m3-lite 0.6.2 in its own venv
+Hugging Face directory it came from (``--random-init`` keeps none on disk: ``benchmarks.m3_lite_peer prepare``
+writes the same seeded one with ``export.architectures.materialise``). ``--lite``: bge-m3-lite's graphs of the same checkpoint, run by bge-m3-lite 0.6.2 in its own venv
 (INT8 with its INT8, FP32 with its fused FP32); ``python -m benchmarks.m3_lite_peer prepare`` builds a checkpoint
 with a SentencePiece tokenizer (what bge-m3-lite reads), our artifact and its graphs, so that all three engines
 see the same token ids (checked per case: ``ids_equal``). Texts: the SOHU news documents of ../shared/data (copied into benchmarks/data), cut to exactly

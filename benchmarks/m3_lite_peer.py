@@ -13,7 +13,7 @@ build, trains the SentencePiece model and traces the backbone)::
 
 What ``prepare`` builds under ``benchmarks/results/cache/bge-m3-sp`` (each step skipped when its output exists):
 
-1. ``checkpoint/``: the seeded random bge-m3 checkpoint of ``--random-init bge-m3 --keep-checkpoint`` (weights and
+1. ``checkpoint/``: the seeded random bge-m3 checkpoint of ``--random-init bge-m3`` (seed 0; weights and
    heads linked, not copied) with a *SentencePiece* tokenizer: bge-m3-lite tokenises with its own reader of
    ``sentencepiece.bpe.model`` (a unigram model), so a random ``tokenizers`` vocabulary, which is what
    ``--random-init`` writes, has nothing it can read. A unigram model is trained offline (``sentencepiece``, vocab
@@ -167,8 +167,11 @@ def make_checkpoint(random_checkpoint: Path, out: Path) -> Path:
     if (out / "tokenizer.json").exists():
         return out
     if not (random_checkpoint / "model.safetensors").exists():
-        raise SystemExit(f"{random_checkpoint} has no model.safetensors: python -m export --random-init bge-m3 "
-                         f"--keep-checkpoint {random_checkpoint} --out DIR")
+        # The same seeded checkpoint ``python -m export --random-init bge-m3`` builds (seed 0), kept on disk.
+        from export.architectures import materialise
+
+        print(f"[m3-lite-peer] seeded random bge-m3 checkpoint -> {random_checkpoint}", file=sys.stderr, flush=True)
+        materialise("bge-m3", random_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     for name in _KEEP:
         src, dst = random_checkpoint / name, out / name

@@ -357,6 +357,9 @@ def test_latency_target_measures_the_budget(tiny_artifact, tmp_path):
         assert overshoot is not None and 0 <= overshoot < 0.025, overshoot
         assert seconds == pytest.approx(min(0.045, 0.05 - overshoot))
         assert srv.metric("bge_queue_budget_seconds", model="t") == pytest.approx(seconds)
+        # one request at a time never queues behind another: nothing went in on the target's tail
+        assert httpx.get(srv.url + "/info").json()["models"][0]["tail_admitted_requests"] == 0
+        assert srv.metric("bge_tail_admitted_requests_total", model="t") == 0
     finally:
         assert srv.stop() == 0, srv.log()
 

@@ -631,6 +631,7 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
                 "queue_seconds": w.queue_seconds(),
                 "queue_budget_seconds": w.budget.seconds,
                 "measured_overshoot_seconds": w.budget.overshoot if w.budget.adaptive else None,
+                "tail_admitted_requests": w.budget.tail_admitted,
             })
         limits = {k: getattr(config, k) for k in ("max_inputs", "max_request_tokens", "max_body_bytes",
                                                   "request_timeout", "cache_size")}

@@ -162,6 +162,7 @@ class ModelWorker:
         self._m_busy = m.busy_workers.labels(name)
         self._shed_logged, self._shed_since_log = -SHED_LOG_EVERY_S, 0
         self._m_budget = m.queue_budget.labels(name)
+        self._m_tail = m.tail_admitted.labels(name)
         self._m_budget.set(self.budget.seconds)
         m.workers.labels(name).set(self._workers)
 
@@ -247,12 +248,14 @@ class ModelWorker:
                     head = self._pending[0]
                     oldest = now - head.enqueued
                     patience = budget / 4 + self.cost.predict(1, len(head.ids))
-                    if charged > budget and (oldest > patience or charged > 2 * budget):
+                    if (charged > budget and (oldest > patience or charged > 2 * budget)
+                            and not self._tail_admit(charged)):
                         source = ("--latency-target less the overshoot measured on recent requests"
                                   if self.budget.adaptive else "--max-queue-time")
                         self._shed(f"its texts would be done in about {done * 1000:.0f} ms ({ahead * 1000:.0f} ms "
                                    f"of work queued ahead), over the budget of {budget * 1000:.0f} ms ({source})",
                                    ahead)
+            self.budget.admitted()
             job.remaining = len(rows)
             if all(len(ids) <= LONG_TOKENS for _, ids, _ in rows):
                 self._queries.append(now)
@@ -265,6 +268,13 @@ class ModelWorker:
             self._m_queue_texts.set(len(self._pending))
             self._m_queue_tokens.set(self._queued_tokens)
             self._cond.notify()
+
+    def _tail_admit(self, estimate: float) -> bool:
+        """An over-budget request goes in on the latency target's tail (``QueueBudget.admit_over_budget``)."""
+        if not self.budget.admit_over_budget(estimate):
+            return False
+        self._m_tail.inc()
+        return True
 
     def observe_latency(self, job: Job, elapsed: float) -> None:
         """Event loop: ``job``'s request was answered ``elapsed`` seconds after it arrived (feeds the measured

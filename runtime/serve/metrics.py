@@ -46,6 +46,9 @@ class Metrics:
         self.queue_budget = Gauge(
             "bge_queue_budget_seconds", "Predicted completion time admission accepts (--max-queue-time, or "
             "--latency-target less the overshoot measured on recent requests).", ["model"], registry=r)
+        self.tail_admitted = Counter(
+            "bge_tail_admitted_requests", "Requests admitted over the queue budget but within --latency-target, "
+            "on the p99's tail (at most 0.5% of recent admissions).", ["model"], registry=r)
         self.shed_requests = Counter(
             "bge_shed_requests", "Requests refused with 429 because the queue was full.", ["model"], registry=r)
 
