@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lite", type=Path, default=None, help="bge-m3-lite's graphs (benchmarks.m3_lite_peer prepare)")
     p.add_argument("--engines", default="ours-int8,lite-int8,ours-fp32,lite-fp32,flagembedding-fp32")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--name", default="m3", help="results file name under benchmarks/results (default: %(default)s)")
     args = p.parse_args(argv)
     cases = [(int(a), int(b)) for a, b in (c.split(":") for c in args.lengths.split(","))]
     import tempfile
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
              f"after the cases): {ceilings[0]:.0f} / {ceilings[1]:.0f} GFLOP/s.\n\nCPU: {result['cpu']}, flags: "
              f"{result['cpu_flags']}")
     print(table)
-    save(ROOT / "benchmarks" / "results", "m3", result, table)
+    save(ROOT / "benchmarks" / "results", args.name, result, table)
     return 0
 
 
