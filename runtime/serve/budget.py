@@ -16,11 +16,13 @@ neighbour), so the headroom is the one this model needs on this machine now. It 
 seen), never less than half (a few slow outliers must not turn the server away from its whole load).
 
 The target is a p99, so it has a tail to spend: a request whose estimate is over the budget but within the
-target may still go in while fewer than ``TAIL_SHARE`` of the recent admissions did so. The budget itself
-leaves each admitted request about a 1% chance of finishing past the target, and most are estimated well
-below it, so half a percent more at worse odds keeps the p99; what it buys is the Poisson burst near
-capacity, whose few requests were refused with 429 while the admitted ones' p99 was half the target. Under
-real overload the allowance is spent within a second and the budget sheds as before.
+target may still go in while fewer than ``TAIL_SHARE`` of the admissions of the last ``TAIL_SECONDS`` did so
+(about the span a p99 is read over by an operator's dashboard). The budget itself leaves each admitted
+request about a 1% chance of finishing past the target, and most are estimated well below it, so half a
+percent more at worse odds keeps the p99; what it buys is the Poisson burst near capacity, whose few requests
+were refused while the admitted ones' p99 was half the target. A burst comes in a second or two, so the share
+is counted over a minute, not over the last few hundred requests. Under real overload the allowance is a
+rounding error against what the budget sheds.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ WINDOW = 512  # recent requests the quantile is taken over
 MIN_SAMPLES = 64  # before this many, the initial share stands
 REFIT_EVERY = 32  # requests between two recomputations (a quantile of 512 floats costs ~20 us)
 TAIL_SHARE = 0.005  # of recent admissions may go in over the budget, within the target: half the p99's 1%
-TAIL_WINDOW = 1000  # admissions the share is counted over
+TAIL_SECONDS = 60  # the span the share is counted over, in one-second buckets
 
 
 class QueueBudget:
@@ -54,8 +56,9 @@ class QueueBudget:
         self.overshoot = 0.0  # the quantile last measured (0 until MIN_SAMPLES)
         self._ring = np.zeros(WINDOW)
         self._n = 0
-        self._admissions = 0  # requests admitted so far
-        self._tail: deque[int] = deque()  # the admission numbers of those let in over the budget
+        # per second of the last TAIL_SECONDS: [second, requests admitted, of them over the budget]
+        self._seconds: deque[list[int]] = deque()
+        self._recent = [0, 0]  # the sums of the two counts over those seconds
         self.tail_admitted = 0  # how many, since the start
 
     @property
@@ -73,19 +76,32 @@ class QueueBudget:
             self.overshoot = max(0.0, float(np.quantile(self._ring[: min(self._n, WINDOW)], QUANTILE)))
             self.seconds = min(MAX_SHARE * self.target, max(MIN_SHARE * self.target, self.target - self.overshoot))
 
-    def admitted(self) -> None:
-        """A request went in (whatever its estimate): the tail's share is counted over admissions."""
-        self._admissions += 1
+    def _bucket(self, now: float) -> list[int]:
+        second = int(now)
+        while self._seconds and self._seconds[0][0] <= second - TAIL_SECONDS:
+            _, n, tail = self._seconds.popleft()
+            self._recent[0] -= n
+            self._recent[1] -= tail
+        if not self._seconds or self._seconds[-1][0] != second:
+            self._seconds.append([second, 0, 0])
+        return self._seconds[-1]
 
-    def admit_over_budget(self, estimate: float) -> bool:
+    def admitted(self, now: float) -> None:
+        """A request went in at ``now`` (monotonic seconds), whatever its estimate: the tail's share is
+        counted over admissions."""
+        self._bucket(now)[1] += 1
+        self._recent[0] += 1
+
+    def admit_over_budget(self, estimate: float, now: float) -> bool:
         """Whether a request estimated at ``estimate`` seconds, over the budget, may still go in on the
-        target's tail; if so it is counted against the allowance. Always no with a fixed budget."""
+        target's tail at ``now``; if so it is counted against the allowance (the caller then calls
+        ``admitted``). Always no with a fixed budget."""
         if self.target is None or estimate > self.target:
             return False
-        while self._tail and self._tail[0] < self._admissions - TAIL_WINDOW:
-            self._tail.popleft()
-        if len(self._tail) >= TAIL_SHARE * TAIL_WINDOW:
+        bucket = self._bucket(now)
+        if self._recent[1] + 1 > TAIL_SHARE * (self._recent[0] + 1):
             return False
-        self._tail.append(self._admissions)
+        bucket[2] += 1
+        self._recent[1] += 1
         self.tail_admitted += 1
         return True

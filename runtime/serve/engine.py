@@ -249,13 +249,13 @@ class ModelWorker:
                     oldest = now - head.enqueued
                     patience = budget / 4 + self.cost.predict(1, len(head.ids))
                     if (charged > budget and (oldest > patience or charged > 2 * budget)
-                            and not self._tail_admit(charged)):
+                            and not self._tail_admit(charged, now)):
                         source = ("--latency-target less the overshoot measured on recent requests"
                                   if self.budget.adaptive else "--max-queue-time")
                         self._shed(f"its texts would be done in about {done * 1000:.0f} ms ({ahead * 1000:.0f} ms "
                                    f"of work queued ahead), over the budget of {budget * 1000:.0f} ms ({source})",
                                    ahead)
-            self.budget.admitted()
+            self.budget.admitted(now)
             job.remaining = len(rows)
             if all(len(ids) <= LONG_TOKENS for _, ids, _ in rows):
                 self._queries.append(now)
@@ -269,9 +269,9 @@ class ModelWorker:
             self._m_queue_tokens.set(self._queued_tokens)
             self._cond.notify()
 
-    def _tail_admit(self, estimate: float) -> bool:
+    def _tail_admit(self, estimate: float, now: float) -> bool:
         """An over-budget request goes in on the latency target's tail (``QueueBudget.admit_over_budget``)."""
-        if not self.budget.admit_over_budget(estimate):
+        if not self.budget.admit_over_budget(estimate, now):
             return False
         self._m_tail.inc()
         return True
