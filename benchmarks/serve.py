@@ -584,11 +584,25 @@ async def drain(server: ServerProcess, min_s: float, max_s: float, idle_cores: f
     return time.monotonic() - start
 
 
+async def admission_state(server: ServerProcess, session) -> dict | None:
+    """Ours only: what admission reports in /info (requests let in on the latency target's tail, the queue
+    budget), summed over its models; None for the other servers, which have no such route."""
+    import aiohttp
+
+    if server.spec.name != "ours":
+        return None
+    async with session.get(server.url + "/info", timeout=aiohttp.ClientTimeout(total=5)) as r:
+        models = (await r.json())["models"]
+    return {"tail_admitted": sum(m.get("tail_admitted_requests", 0) for m in models),
+            "queue_budget_s": [m.get("queue_budget_seconds") for m in models]}
+
+
 async def run_step(server: ServerProcess, session, work: Workload, cfg: Config, rate: float) -> dict:
     n = max(int(round(rate * cfg.duration_s)), cfg.min_requests)
     offsets = schedule(rate, n, cfg.seed)
     reqs = draw_requests(work, cfg.mix, n, rate_rng(cfg.seed, 2, rate))
     payloads = [body(t, q, server.spec.client_prefix) for t, q in reqs]
+    admission0 = await admission_state(server, session)
     cpu_server0, cpu_client0, wall0 = server.cpu_seconds(), time.process_time(), time.monotonic()
     outcomes, lags = await open_loop(session, server.url + "/v1/embeddings", payloads, offsets, cfg.timeout_s)
     wall = time.monotonic() - wall0
@@ -598,6 +612,10 @@ async def run_step(server: ServerProcess, session, work: Workload, cfg: Config, 
     stats["server_cpu_share"] = (server.cpu_seconds() - cpu_server0) / wall
     stats["wall_s"] = wall
     stats["sustained"] = sustains(stats, cfg.slo_ms)
+    admission = await admission_state(server, session)
+    if admission is not None and admission0 is not None:
+        stats["tail_admitted"] = admission["tail_admitted"] - admission0["tail_admitted"]
+        stats["queue_budget_s"] = admission["queue_budget_s"]
     server.sample_rss()
     return stats
 
@@ -607,7 +625,8 @@ def step_line(name: str, s: dict) -> str:
     fails = ", ".join(f"{k} {v}" for k, v in s["failures"].items() if v) or "none"
     return (f"[{name}] {s['offered_rps']:g} req/s: goodput {s['goodput_rps']:.1f}/s, p99 {p99} ms, "
             f"failures {fails}, client CPU {s['client_cpu_share']:.2f}, server CPU {s['server_cpu_share']:.2f}"
-            f" -> {'ok' if s['sustained'] else 'FAIL'}")
+            + (f", over budget on the tail {s['tail_admitted']}" if "tail_admitted" in s else "")
+            + f" -> {'ok' if s['sustained'] else 'FAIL'}")
 
 
 async def ladder(server: ServerProcess, session, work: Workload, cfg: Config) -> list[dict]:
