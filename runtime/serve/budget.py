@@ -16,8 +16,8 @@ neighbour), so the headroom is the one this model needs on this machine now. It 
 seen), never less than half (a few slow outliers must not turn the server away from its whole load).
 
 The target is a p99, so it has a tail to spend: a request whose estimate is over the budget but within the
-target may still go in while fewer than ``TAIL_SHARE`` of the admissions of the last ``TAIL_SECONDS`` did so
-(about the span a p99 is read over by an operator's dashboard). The budget itself leaves each admitted
+target may still go in while, counting it, at most ``TAIL_SHARE`` of the admissions of the last
+``TAIL_SECONDS`` did so (about the span a p99 is read over by an operator's dashboard). The budget itself leaves each admitted
 request about a 1% chance of finishing past the target, and most are estimated well below it, so half a
 percent more at worse odds keeps the p99; what it buys is the Poisson burst near capacity, whose few requests
 were refused while the admitted ones' p99 was half the target. A burst comes in a second or two, so the share
@@ -42,8 +42,9 @@ TAIL_SECONDS = 60  # the span the share is counted over, in one-second buckets
 
 
 class QueueBudget:
-    """Seconds of predicted completion time admission accepts. ``observe`` and ``seconds`` are called on the
-    event loop only; worker threads read ``seconds`` (one float) without a lock."""
+    """Seconds of predicted completion time admission accepts. ``observe``, ``admitted`` and
+    ``admit_over_budget`` are called on the event loop only; worker threads read ``seconds`` (one float)
+    without a lock."""
 
     def __init__(self, fixed: float | None = None, target: float | None = None) -> None:
         if (fixed is None) == (target is None):
