@@ -6,8 +6,8 @@ peak resident memory is that case's own.
 
 ``--artifact``: ``python -m export --random-init bge-m3 --out DIR`` (or a real bge-m3 export); ``--checkpoint``: the
 Hugging Face directory it came from (``--random-init`` keeps none on disk: ``benchmarks.m3_lite_peer prepare``
-writes the same seeded one with ``export.architectures.materialise``). ``--lite``: bge-m3-lite's graphs of the same checkpoint, run by bge-m3-lite 0.6.2 in its own venv
-(INT8 with its INT8, FP32 with its fused FP32); ``python -m benchmarks.m3_lite_peer prepare`` builds a checkpoint
+writes the same seeded one with ``export.architectures.materialise``). ``--lite``: bge-m3-lite's graphs of the
+same checkpoint, run by bge-m3-lite 0.6.2 in its own venv (INT8 with its INT8, FP32 with its fused FP32); ``python -m benchmarks.m3_lite_peer prepare`` builds a checkpoint
 with a SentencePiece tokenizer (what bge-m3-lite reads), our artifact and its graphs, so that all three engines
 see the same token ids (checked per case: ``ids_equal``). Texts: the SOHU news documents of ../shared/data (copied into benchmarks/data), cut to exactly
 the length. Prints a markdown table and writes benchmarks/results/m3.json and .md.

@@ -403,7 +403,7 @@ def test_over_budget_requests_spend_half_the_p99_tail(tiny_emb):
         q.admitted(30.0)
     assert q.admit_over_budget(0.09, 30.0) and q.tail_admitted == 2  # 2 of 400
     q.admitted(30.0)
-    assert not q.admit_over_budget(0.09, 61.5)  # the first 200 seconds' worth fell out of the minute: 2 of 201
+    assert not q.admit_over_budget(0.09, 61.5)  # the first two seconds' 199 fell out of the minute: 2 of 201
     assert not q.admit_over_budget(0.09, 200.0)  # a minute later nothing is left to count against
 
     async def run():

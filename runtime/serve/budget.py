@@ -89,7 +89,9 @@ class QueueBudget:
 
     def admitted(self, now: float) -> None:
         """A request went in at ``now`` (monotonic seconds), whatever its estimate: the tail's share is
-        counted over admissions."""
+        counted over admissions (nothing to count with a fixed budget)."""
+        if self.target is None:
+            return
         self._bucket(now)[1] += 1
         self._recent[0] += 1
 
