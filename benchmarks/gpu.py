@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu --out "$OUT"                # on the GPU machine: bge-large-zh architecture
     python -m benchmarks.gpu --dry-run --out /tmp/gpu    # CPU rehearsal: tiny model, CPU provider, few reps
+    python -m benchmarks.gpu --out "$OUT" --keep /tmp/g   # keep checkpoint/ and artifact/ for benchmarks.serve
 
 Steps: build the architecture with seeded random weights; export FP32 and FP16 with `python -m export`;
 check our FP16 path (onnxruntime CUDA provider, through the runtime) against the FP32 PyTorch reference on
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -150,7 +152,7 @@ def profile_ours(model: Path, device: str, ids: np.ndarray, mask: np.ndarray, ru
                                ("SkipLayerNormalization", "LayerNormalization", "Add")}}
 
 
-def run(out: Path, dry_run: bool, arch: str | None) -> dict:
+def run(out: Path, dry_run: bool, arch: str | None, keep: Path | None = None) -> dict:
     import onnxruntime as ort
     import torch
 
@@ -173,7 +175,11 @@ def run(out: Path, dry_run: bool, arch: str | None) -> dict:
     reps = {"query": 100 if cuda else 5, "warmup": 10 if cuda else 1, "batch": 30 if cuda else 2}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if keep is None else keep
+        if keep is not None:
+            for sub in ("checkpoint", "artifact"):  # a kept directory from an earlier run is replaced
+                shutil.rmtree(keep / sub, ignore_errors=True)
+            keep.mkdir(parents=True, exist_ok=True)
         say(f"[1/6] building {arch} with random weights (seed 0) ...")
         ckpt = materialise(arch, work / "checkpoint", seed=0)
         say("[2/6] exporting fp32 and fp16 ...")
@@ -307,10 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     p.add_argument("--dry-run", action="store_true", help="CPU rehearsal: tiny model, CPU provider, few repetitions")
     p.add_argument("--arch", default=None, help="architecture (default bge-large-zh; tiny-zh with --dry-run)")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="write checkpoint/ and artifact/ (fp32, fp16) here and keep them (for benchmarks.serve "
+                        "--device cuda --checkpoint DIR/checkpoint --artifact DIR/artifact)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run(args.out, args.dry_run, args.arch)
+    result = run(args.out, args.dry_run, args.arch, args.keep)
     md = table(result)
     print(md)
     save(args.out, f"gpu-{result['card']}", result, md)

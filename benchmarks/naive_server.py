@@ -1,6 +1,6 @@
 """The naive embedding servers the serving benchmark compares against, written the way a user writes them.
 
-    python -m benchmarks.naive_server --backend st-torch|st-qint8|ours --model PATH --port N --threads T
+    python -m benchmarks.naive_server --backend st-torch|st-qint8|ours --model PATH --port N --threads T [--device cuda]
 
 A plain FastAPI ``def`` endpoint that calls the model once per request (FastAPI runs it in its thread
 pool), run by uvicorn with its default settings: no batching across requests, no admission control, no
@@ -22,6 +22,9 @@ Route: ``POST /v1/embeddings``, OpenAI-shaped (``input``: a string or a list of 
 ``input_type: "query"`` extension, which prepends the BGE retrieval instruction; for the rerank backends
 ``POST /rerank`` in TEI's shape (``query``, ``texts`` -> ``[{index, score}]`` best first, sigmoid scores).
 ``GET /health`` says ready.
+
+``--device cuda`` (embedding backends ``st-torch`` and ``ours``): sentence-transformers in half precision
+on the GPU, or the artifact's fp16 variant on onnxruntime's CUDA provider; still one call per request.
 """
 
 from __future__ import annotations
@@ -102,14 +105,17 @@ class EmbeddingRequest(BaseModel):
     input_type: Literal["query", "document"] | None = None
 
 
-def st_torch_encoder(model: Path, threads: int) -> Encoder:
+def st_torch_encoder(model: Path, threads: int, device: str = "cpu") -> Encoder:
+    """On CUDA in half precision (what a GPU user of sentence-transformers runs), on the CPU in float32."""
     import torch
     from sentence_transformers import SentenceTransformer
 
     from export.architectures import BGE_ZH_INSTRUCTION
 
     torch.set_num_threads(threads)
-    st = SentenceTransformer(str(model), device="cpu")
+    st = SentenceTransformer(str(model), device=device)
+    if device == "cuda":
+        st.half()
 
     def encode(texts: list[str], query: bool) -> np.ndarray:
         if query:
@@ -134,10 +140,10 @@ def st_qint8_encoder(model: Path, tokenizer: Path, threads: int) -> Encoder:
     return encode
 
 
-def ours_encoder(artifact: Path, threads: int) -> Encoder:
+def ours_encoder(artifact: Path, threads: int, device: str = "cpu") -> Encoder:
     from runtime import Embedder
 
-    emb = Embedder(artifact, device="cpu", precision="int8", threads=threads)
+    emb = Embedder(artifact, device=device, precision="fp16" if device == "cuda" else "int8", threads=threads)
 
     def encode(texts: list[str], query: bool) -> np.ndarray:
         return emb.embed_queries(texts) if query else emb.embed(texts)
@@ -145,15 +151,18 @@ def ours_encoder(artifact: Path, threads: int) -> Encoder:
     return encode
 
 
-def make_encoder(backend: str, model: Path, threads: int, tokenizer: Path | None = None) -> Encoder:
+def make_encoder(backend: str, model: Path, threads: int, tokenizer: Path | None = None,
+                 device: str = "cpu") -> Encoder:
+    if device == "cuda" and backend not in ("st-torch", "ours"):
+        raise SystemExit(f"--device cuda serves st-torch (fp16) or ours (fp16), not {backend!r}")
     if backend == "st-torch":
-        return st_torch_encoder(model, threads)
+        return st_torch_encoder(model, threads, device)
     if backend == "st-qint8":
         if tokenizer is None:
             raise SystemExit("--backend st-qint8 needs --tokenizer (the tokenizer.json to feed the graph)")
         return st_qint8_encoder(model, tokenizer, threads)
     if backend == "ours":
-        return ours_encoder(model, threads)
+        return ours_encoder(model, threads, device)
     raise SystemExit(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -189,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of the model")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: st-torch in fp16, ours with the fp16 variant (embedding backends only)")
     args = p.parse_args(argv)
     import uvicorn
 
@@ -196,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scorer = st_cross_scorer if args.backend == "st-cross-torch" else ours_scorer
         app = build_rerank_app(scorer(args.model, args.threads))
     else:
-        app = build_app(make_encoder(args.backend, args.model, args.threads, args.tokenizer))
+        app = build_app(make_encoder(args.backend, args.model, args.threads, args.tokenizer, args.device))
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
 

@@ -60,6 +60,11 @@ LABELS = {
     "infinity": "infinity-emb (optimum engine, own venv)",
     "ours": "runtime.serve int8",
 }
+CUDA_LABELS = {  # --device cuda
+    "naive-st-torch": "naive FastAPI + sentence-transformers torch fp16 on the GPU",
+    "naive-ours": "naive FastAPI + runtime.Embedder fp16 (CUDA provider)",
+    "ours": "runtime.serve fp16 (CUDA provider)",
+}
 MIXES = ("query", "mix")
 ARCHS = ("bge-small-zh", "bge-large-zh", "tiny-zh")
 # p99 SLO per architecture and mix. A `mix` request carries 1-32 texts (~1,200 tokens on average, some of
@@ -231,16 +236,23 @@ class ServerSpec:
     command: Callable[[int], tuple[list[str], dict[str, str], Path]]  # port -> argv, env, cwd
     client_prefix: str | None = None  # instruction the client prepends to queries (no input_type support)
     note: str = ""
+    label: str = ""  # default: LABELS[name]
 
 
 def base_env(threads: int) -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
-def naive_spec(name: str, files: dict[str, Path], threads: int) -> ServerSpec:
+def naive_spec(name: str, files: dict[str, Path], threads: int, device: str = "cpu") -> ServerSpec:
     backend = name.removeprefix("naive-")
-    model = {"st-torch": files["checkpoint"], "st-qint8": files["st-onnx-int8"], "ours": files["artifact"]}[backend]
+    if device == "cuda" and backend not in ("st-torch", "ours"):
+        raise Unavailable(f"{name} has no CUDA form (naive-st-torch and naive-ours do: fp16)")
+    model = {"st-torch": files["checkpoint"], "st-qint8": files.get("st-onnx-int8"), "ours": files["artifact"]}[backend]
+    if model is None:
+        raise Unavailable(f"{name} needs the ST qint8 recipe graph, which only the benchmark's own cache builds "
+                          "(run without --artifact)")
     extra = ["--tokenizer", str(files["artifact"] / "tokenizer.json")] if backend == "st-qint8" else []
+    extra += ["--device", "cuda"] if device == "cuda" else []
 
     def command(port: int) -> tuple[list[str], dict[str, str], Path]:
         argv = [sys.executable, "-m", "benchmarks.naive_server", "--backend", backend, "--model", str(model),
@@ -249,7 +261,9 @@ def naive_spec(name: str, files: dict[str, Path], threads: int) -> ServerSpec:
 
     note = "optimum's plain export + avx512_vnni dynamic preset, rebuilt via onnxruntime; our tokenisation" \
         if backend == "st-qint8" else ""
-    return ServerSpec(name, command, note=note)
+    if device == "cuda":
+        note = "on the GPU in fp16 (sentence-transformers .half(); ours: the fp16 variant, CUDA provider)"
+    return ServerSpec(name, command, note=note, label=label(name, device))
 
 
 def ours_layout(layout: str | None, threads: int) -> tuple[int, int]:
@@ -270,22 +284,24 @@ def admission_args(args: argparse.Namespace, slo_ms: float) -> list[str]:
 
 
 def ours_spec(files: dict[str, Path], threads: int, admission: list[str], cache_size: int,
-              layout: tuple[int, int]) -> ServerSpec:
-    """runtime.serve on ``threads`` cores as ``layout`` (workers, threads each); its exact-match vector cache
-    is off by default (--ours-cache-size), because the ladder repeats texts from finite pools and no other
-    server caches: hits would measure the cache."""
+              layout: tuple[int, int] | None, device: str = "cpu") -> ServerSpec:
+    """runtime.serve on ``threads`` cores as ``layout`` (workers, threads each; None: the server's own default,
+    what a CUDA run uses); its exact-match vector cache is off by default (--ours-cache-size), because the
+    ladder repeats texts from finite pools and no other server caches: hits would measure the cache."""
     if importlib.util.find_spec("runtime.serve") is None:
         raise Unavailable("runtime.serve does not exist yet (no module runtime/serve)")
-    workers, per_worker = layout
+    shape = [] if layout is None else ["--workers", str(layout[0]), "--threads", str(layout[1])]
+    on_device = ["--device", "cuda", "--precision", "fp16"] if device == "cuda" else []
 
     def command(port: int) -> tuple[list[str], dict[str, str], Path]:
         argv = [sys.executable, "-m", "runtime.serve", "--model", f"{MODEL_NAME}={files['artifact']}",
-                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--threads",
-                str(per_worker), *admission, "--cache-size", str(cache_size)]
+                "--host", "127.0.0.1", "--port", str(port), *shape, *on_device, *admission,
+                "--cache-size", str(cache_size)]
         return argv, base_env(threads), ROOT
 
-    return ServerSpec("ours", command, note=f"{workers} workers x {per_worker} thread(s), {' '.join(admission)} "
-                      f"--cache-size {cache_size}")
+    where = "its default layout" if layout is None else f"{layout[0]} workers x {layout[1]} thread(s)"
+    return ServerSpec("ours", command, note=f"{where}, {' '.join(admission)} --cache-size {cache_size}",
+                      label=label("ours", device))
 
 
 def infinity_spec(files: dict[str, Path], threads: int, arch: str, instruction: str) -> ServerSpec:
@@ -566,7 +582,7 @@ async def check_vectors(server: ServerProcess, session, reference: dict) -> dict
         if got.shape != reference[f"{kind}_fp32"].shape:
             raise Unavailable(f"vector check: {kind} answer has shape {got.shape}, "
                               f"expected {reference[f'{kind}_fp32'].shape}")
-        for precision in ("fp32", "int8"):
+        for precision in reference["precisions"]:
             ref = reference[f"{kind}_{precision}"]
             out[f"{kind}_min_cos_vs_ours_{precision}"] = float((got * ref).sum(1).min())
     return out
@@ -665,7 +681,7 @@ async def bench_server(spec: ServerSpec, work: Workload, cfg: Config, reference:
     """Start, wait for readiness, check vectors, warm up, run the ladder, stop; the server's result row."""
     import aiohttp
 
-    row: dict = {"server": spec.name, "label": LABELS[spec.name], "note": spec.note}
+    row: dict = {"server": spec.name, "label": spec.label or LABELS[spec.name], "note": spec.note}
     say(f"[{spec.name}] starting (log {log}) ...")
     try:
         server = ServerProcess.start(spec, log)
@@ -709,7 +725,8 @@ def prepare_files(arch: str) -> dict[str, Path]:
 
 
 def reference_vectors(artifact: Path, threads: int) -> dict:
-    """runtime.Embedder vectors of 8 fixed documents and 4 queries, fp32 and int8, to check each server."""
+    """runtime.Embedder vectors (CPU provider) of 8 fixed documents and 4 queries, fp32 and (where the artifact
+    has it) int8, to check each server."""
     import warnings
 
     from runtime import Embedder
@@ -720,7 +737,9 @@ def reference_vectors(artifact: Path, threads: int) -> dict:
     ref: dict = {"documents": documents, "queries": queries}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the long document is truncated, as by every server
-        for precision in ("fp32", "int8"):
+        manifest = Embedder(artifact, device="cpu", precision="fp32", threads=threads).manifest
+        ref["precisions"] = [p for p in ("fp32", "int8") if p in manifest.variants]
+        for precision in ref["precisions"]:
             emb = Embedder(artifact, device="cpu", precision=precision, threads=threads)
             ref[f"document_{precision}"] = emb.embed(documents).astype(np.float64)
             ref[f"query_{precision}"] = emb.embed_queries(queries).astype(np.float64)
@@ -729,13 +748,19 @@ def reference_vectors(artifact: Path, threads: int) -> dict:
     return ref
 
 
+def label(name: str, device: str) -> str:
+    return CUDA_LABELS.get(name, LABELS[name]) if device == "cuda" else LABELS[name]
+
+
 def build_spec(name: str, files: dict[str, Path], args: argparse.Namespace, admission: list[str],
                instruction: str) -> ServerSpec:
     if name in NAIVE:
-        return naive_spec(name, files, args.threads)
+        return naive_spec(name, files, args.threads, args.device)
     if name == "ours":
-        return ours_spec(files, args.threads, admission, args.ours_cache_size,
-                         ours_layout(args.ours_layout, args.threads))
+        layout = None if args.device == "cuda" and not args.ours_layout else ours_layout(args.ours_layout, args.threads)
+        return ours_spec(files, args.threads, admission, args.ours_cache_size, layout, args.device)
+    if args.device == "cuda":
+        raise Unavailable(f"{name} is not run on CUDA by this benchmark")
     if name == "infinity":
         return infinity_spec(files, args.threads, args.model_arch, instruction)
     raise SystemExit(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
@@ -764,6 +789,16 @@ def machine() -> dict:
         "versions": {m: package_version(m)
                      for m in ("fastapi", "uvicorn", "aiohttp", "sentence-transformers", "torch")},
     }
+
+
+def gpu_name() -> str | None:
+    """The card the CUDA run used, from nvidia-smi (the benchmark process itself does not import torch)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
 
 
 def package_version(name: str) -> str | None:
@@ -833,7 +868,8 @@ def report(result: dict) -> str:
         f"Open loop (Poisson arrivals, seed {result['seed']}; latency from the scheduled send time), "
         f"SLO p99 <= {result['slo_ms']:g} ms, {result['threads']} intra-op threads per server, client timeout "
         f"{result['timeout_s']:g} s, {result['duration_s']:g} s per step (>= {result['min_requests']} requests). "
-        f"{m['cpu']} ({m['cores']} cores; {flags}), onnxruntime {m['onnxruntime']}, commit "
+        + (f"GPU: {result['gpu']} (servers on CUDA, fp16). " if result.get("device") == "cuda" else "")
+        + f"{m['cpu']} ({m['cores']} cores; {flags}), onnxruntime {m['onnxruntime']}, commit "
         f"{m['git_commit'][:10]}{' (dirty)' if m['git_dirty'] else ''}, {m['date']}.",
         f"Mix: {result['mix_description']}",
         "",
@@ -856,9 +892,9 @@ def report(result: dict) -> str:
     for r in result["servers"]:
         v = r.get("vectors")
         if v:
-            lines.append(f"| {r['server']} | {v['document_min_cos_vs_ours_fp32']:.5f} | "
-                         f"{v['document_min_cos_vs_ours_int8']:.5f} | {v['query_min_cos_vs_ours_fp32']:.5f} | "
-                         f"{v['query_min_cos_vs_ours_int8']:.5f} |")
+            cells = [fmt(v.get(f"{kind}_min_cos_vs_ours_{p}"), ".5f") for kind in ("document", "query")
+                     for p in ("fp32", "int8")]
+            lines.append(f"| {r['server']} | " + " | ".join(cells) + " |")
     for r in result["servers"]:
         lines += ["", f"## {r['server']}: {r['label']}", ""]
         if r.get("note"):
@@ -931,8 +967,13 @@ def chart(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def result_stem(arch: str, mix: str, device: str) -> str:
+    """CPU runs keep their historical names; a CUDA run never overwrites them."""
+    return f"serve-{arch}-{mix}" + ("-cuda" if device == "cuda" else "")
+
+
 def write_outputs(result: dict, out: Path) -> None:
-    stem = f"serve-{result['arch']}-{result['mix']}"
+    stem = result_stem(result["arch"], result["mix"], result.get("device", "cpu"))
     md = report(result)
     save(out, stem, result, md)
     chart(result, out / f"{stem}.png")
@@ -957,14 +998,15 @@ async def run_mix(mix: str, names: list[str], files: dict[str, Path], args: argp
         "timeout_s": cfg.timeout_s, "seed": cfg.seed, "ours_admission": " ".join(admission),
         "ours_cache_size": args.ours_cache_size,
         "connections": cfg.connections, "rates": cfg.rates, "start_rps": cfg.start_rps,
+        "device": args.device, "gpu": gpu_name() if args.device == "cuda" else None,
         "machine": machine(), "servers": [],
     }
-    previous = args.out / f"serve-{cfg.arch}-{mix}.json"
+    previous = args.out / f"{result_stem(cfg.arch, mix, args.device)}.json"
     if args.rerun and previous.is_file():
         # replace only the named servers in the last run's results; each entry says when it was measured
         result = json.loads(previous.read_text())
         result.setdefault("reruns", [])
-    if mix == "query" and "ours" in names:
+    if mix == "query" and "ours" in names and args.device == "cpu" and "int8" in reference["precisions"]:
         # what the model alone does with ours' worker layout on this mix's texts, in this run: the ceiling
         # the server is measured against (its max sustainable rate / this, at 1-4 texts per run)
         result["model_alone"] = model_alone_figures(files["artifact"], ours_layout(args.ours_layout, args.threads),
@@ -975,7 +1017,7 @@ async def run_mix(mix: str, names: list[str], files: dict[str, Path], args: argp
         try:
             spec = build_spec(name, files, args, admission, reference["instruction"])
         except Unavailable as exc:
-            entry = {"server": name, "label": LABELS[name], "unavailable": str(exc)}
+            entry = {"server": name, "label": label(name, args.device), "unavailable": str(exc)}
         else:
             log = CACHE / "serve-logs" / f"{cfg.arch}-{mix}-{name}.log"
             entry = await bench_server(spec, work, cfg, reference, log)
@@ -1060,8 +1102,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for a server to be ready")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: tiny-zh, short steps, few of them")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: ours and the naive servers (st-torch, ours) on the GPU in fp16; needs --artifact "
+                        "and --checkpoint (an artifact with an fp16 variant); results get a -cuda suffix")
+    p.add_argument("--artifact", type=Path, default=None, help="use this exported artifact instead of the cache's")
+    p.add_argument("--checkpoint", type=Path, default=None, help="the checkpoint --artifact was exported from")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if (args.artifact is None) != (args.checkpoint is None):
+        p.error("--artifact and --checkpoint go together")
+    if args.device == "cuda" and args.artifact is None:
+        p.error("--device cuda needs --artifact and --checkpoint (e.g. python -m benchmarks.gpu --keep DIR)")
     quick = args.quick
     args.model_arch = args.model_arch or ("tiny-zh" if quick else "bge-small-zh")
     args.mix = args.mix or ("query" if quick else "both")
@@ -1081,7 +1132,8 @@ async def amain(args: argparse.Namespace) -> int:
         if n not in SERVERS:
             raise SystemExit(f"unknown server {n!r}; choose from {', '.join(SERVERS)}")
     say(f"preparing {args.model_arch} (checkpoint, artifact, ST recipe graph; cached in {CACHE}) ...")
-    files = prepare_files(args.model_arch)
+    files = ({"checkpoint": args.checkpoint, "artifact": args.artifact} if args.artifact is not None
+             else prepare_files(args.model_arch))
     reference = reference_vectors(files["artifact"], args.threads)
     work = Workload.load(reference["instruction"])
     mixes = MIXES if args.mix == "both" else (args.mix,)

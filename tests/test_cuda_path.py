@@ -182,7 +182,10 @@ def test_device_script_cpu_rehearsal(tmp_path):
     JSON the issue asks for; on the GPU the same code runs with the CUDA provider and torch fp16."""
     from benchmarks.gpu import card_slug, main
 
-    assert main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert main(["--dry-run", "--out", str(tmp_path), "--keep", str(tmp_path / "keep")]) == 0
+    # --keep leaves what benchmarks.serve --device cuda serves: the checkpoint and an artifact with fp16
+    assert (tmp_path / "keep" / "checkpoint" / "config.json").is_file()
+    assert set(json.loads((tmp_path / "keep" / "artifact" / "manifest.json").read_text())["variants"]) == {"fp32", "fp16"}
     result = json.loads((tmp_path / "gpu-cpu-dry-run.json").read_text())
     for key in ("device", "throughput_vs_torch_fp16", "latency_vs_torch_fp16", "min_cos_vs_fp32", "raw",
                 "throughput", "latency", "fp16_matmul_peak_tflops", "profile_ours_fp16_64x128", "targets"):
@@ -194,3 +197,27 @@ def test_device_script_cpu_rehearsal(tmp_path):
     assert result["profile_ours_fp16_64x128"]["top_op_types_us_per_run"]
     assert (tmp_path / "gpu-cpu-dry-run.md").read_text().count("|") > 10
     assert card_slug("NVIDIA H100 80GB HBM3") == "h100" and card_slug("NVIDIA H200") == "h200"
+
+
+def test_serving_benchmark_on_cuda_starts_every_server_in_fp16_on_the_gpu(tmp_path):
+    """`benchmarks.serve --device cuda` (run by benchmarks/gpu_session.sh on a lent GPU): ours gets the CUDA
+    provider and the fp16 variant with its own CUDA layout, the naive servers their fp16 GPU form, servers
+    without one are reported unavailable, and the results never overwrite the CPU run's files."""
+    from benchmarks import serve
+
+    with pytest.raises(SystemExit):  # a CUDA run needs the artifact benchmarks.gpu --keep wrote
+        serve.parse_args(["--device", "cuda"])
+    args = serve.parse_args(["--device", "cuda", "--artifact", str(tmp_path / "a"), "--checkpoint",
+                             str(tmp_path / "c"), "--model-arch", "bge-large-zh", "--mix", "query"])
+    files = {"artifact": args.artifact, "checkpoint": args.checkpoint}
+    ours = serve.build_spec("ours", files, args, ["--latency-target", "0.1"], "q: ")
+    argv = ours.command(1234)[0]
+    assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--precision") + 1] == "fp16"
+    assert "--workers" not in argv and "fp16" in ours.label
+    for name, model in (("naive-st-torch", args.checkpoint), ("naive-ours", args.artifact)):
+        argv = serve.build_spec(name, files, args, [], "q: ").command(1234)[0]
+        assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--model") + 1] == str(model)
+    for name in ("naive-st-qint8", "infinity"):
+        with pytest.raises(serve.Unavailable):
+            serve.build_spec(name, files, args, [], "q: ")
+    assert serve.result_stem("bge-large-zh", "query", "cuda") != serve.result_stem("bge-large-zh", "query", "cpu")
