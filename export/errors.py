@@ -21,3 +21,7 @@ class GateError(ExportError):
 
 class OutputDirError(ExportError):
     """The output directory cannot be written."""
+
+
+class ChildProcessFailedError(ExportError):
+    """The child process a large model's export step runs in died (memory, or it could not start)."""

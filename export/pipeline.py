@@ -21,7 +21,7 @@ from runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, FileEntry, M3Heads,
                               Variant)
 
 from . import graph, long_attention, onnx_io, optimize, precision, probes, quantize, row_windows
-from .errors import FusionError
+from .errors import ChildProcessFailedError, FusionError
 from .report import Progress, Row
 from .source import ModelSpec
 from .labelled import QUALITY_GATES, LabelledPairs, pair_spearman, spearman
@@ -122,13 +122,28 @@ ISOLATE_BYTES = 1 << 30  # traced graphs past this (bge-large and up) run fusion
 
 
 def _run(isolate: bool, fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` here, or in a fresh (spawned) child process whose memory is returned when it ends."""
+    """``fn(*args)`` here, or in a fresh (spawned) child process whose memory is returned when it ends.
+
+    A child that dies (killed for memory, or unable to start: a spawned child re-imports the caller's main
+    module, which a program read from standard input does not have) raises ChildProcessFailedError. A
+    ``multiprocessing.Pool`` would start a new worker and wait for ever: seen on a GPU machine where the
+    export was driven by ``python3 - <<EOF``, the pool respawned failing workers until the call's time ran out."""
     if not isolate:
         return fn(*args)
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool as exc:
+            raise ChildProcessFailedError(
+                f"the child process running {fn.__name__} for this large model died (killed for lack of memory, or "
+                "it could not start: spawned children re-import the main module, so run the export as "
+                "`python -m export` or from a script file, not from standard input or an interactive session); "
+                "free memory and run the export again"
+            ) from exc
 
 
 def _fuse_to_file(traced: Path, dst: Path, heads: int, hidden: int, layers: int) -> tuple[list[Path], dict[str, int]]:

@@ -156,3 +156,19 @@ def test_an_fp16_variant_the_cpu_cannot_run_is_recorded_not_fatal():
     for name in ("fp32", "int8"):
         with pytest.raises(RuntimeError, match="no kernel"):
             _run_variant(name, fails)
+
+
+def test_a_large_model_step_whose_child_dies_fails_instead_of_hanging(tmp_path):
+    """Large models run fusion, FP16 and INT8 in a spawned child (its memory goes back when it ends). A child
+    killed (for memory) or unable to start must end the export with a typed error: a multiprocessing Pool
+    respawned the failing worker for ever when the export was driven from standard input on a GPU machine."""
+    from export.errors import ChildProcessFailedError
+    from export.pipeline import _run
+
+    with pytest.raises(ChildProcessFailedError, match="died"):
+        _run(True, os._exit, 3)
+    # from standard input the spawned child cannot re-import the main module: an error within seconds
+    program = "import os\nfrom export.pipeline import _run\n_run(True, os.getpid)\n"
+    proc = subprocess.run([sys.executable, "-"], input=program, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode != 0 and "ChildProcessFailedError" in proc.stderr, proc.stderr[-2000:]
