@@ -41,7 +41,7 @@ from ..session import ModelSession
 from .budget import QueueBudget
 from .cache import VectorCache
 from .cost import BatchCost
-from .errors import QueueFull
+from .errors import QueueFull, WarmUpError
 from .metrics import Metrics
 
 log = logging.getLogger("runtime.serve")
@@ -188,16 +188,28 @@ class ModelWorker:
             n, length = max(1, min(n, size, budget // max(length, 1))), min(length, L)
             ids = np.full((n, length), token[0], dtype=np.int64)
             mask = np.ones_like(ids)
-            if cuda and i > 0:
-                self.embedder.run_tokens(ids, mask)  # untimed: the shape's first run
-            elapsed = float("inf")
-            for _ in range(1 if n * length >= 1024 else 3):  # small shapes: the fastest of 3 (timer noise)
-                t0 = time.perf_counter()
-                self.embedder.run_tokens(ids, mask)
-                elapsed = min(elapsed, time.perf_counter() - t0)
+            runs = (1 if n * length >= 1024 else 3) + (1 if cuda and i > 0 else 0)  # small: the fastest of 3
+            times = [self._warm_run(ids, mask) for _ in range(runs)]
+            elapsed = min(times[1:] if cuda and i > 0 else times)  # on CUDA a shape's first run is not timed
             if i > 0:
                 samples.append((n, length, elapsed))
         self.cost.fit(samples)
+
+    def _warm_run(self, ids: np.ndarray, mask: np.ndarray) -> float:
+        """One timed warm-up run; a failure names the batch and what to change (TEI's warm-up, which also runs
+        the largest batch first, fails the same way: at start-up rather than under load)."""
+        t0 = time.perf_counter()
+        try:
+            self.embedder.run_tokens(ids, mask)
+        except EmbedderError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types (out of device memory among them)
+            raise WarmUpError(
+                f"model {self.name!r}: a warm-up batch of {ids.shape[0]} x {ids.shape[1]} tokens failed: {exc}. "
+                "The largest batch this server forms is --batch-size rows and --max-batch-tokens padded tokens; "
+                "lower --max-batch-tokens until it fits in the device's memory"
+            ) from exc
+        return time.perf_counter() - t0
 
     def start(self) -> None:
         for t in self._threads:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from runtime.errors import EmbedderError
+
 
 class ApiError(Exception):
     """An error answer: status, OpenAI error ``type``, the offending field (``param``) and a short ``code``.
@@ -46,3 +48,7 @@ class QueueFull(Exception):
         super().__init__(reason)
         self.retry_after_s = retry_after_s
         self.reason = reason
+
+
+class WarmUpError(EmbedderError, RuntimeError):
+    """A warm-up run failed at start-up (on CUDA, most often: the largest batch does not fit in GPU memory)."""
