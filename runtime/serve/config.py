@@ -54,8 +54,8 @@ class ServeConfig:
         workers. Rerankers default to one worker on every core instead: a rerank request is 20-100 pairs of
         mixed lengths, and split over one-thread workers its longest batch runs alone on one core at the end
         (1 x 20 pairs, bge-reranker-base INT8, 2 cores: 160 ms a request with 1 x 2, 219 ms with 2 x 1; both
-        saturate near 4 requests/s under load). On CUDA one worker (runs overlap on the GPU; unmeasured) and
-        onnxruntime's threads."""
+        saturate near 4 requests/s under load). On CUDA one worker and onnxruntime's threads (more workers on
+        one GPU: unmeasured)."""
         if device == "cuda":
             return self.workers or 1, self.threads
         cores = usable_cores()
