@@ -143,11 +143,11 @@ class _AsIfCuda:
 
     device = "cuda"
 
-    def run_tokens(self, ids, mask):
+    def run_tokens(self, ids, mask, types=None):
         self.shapes.append(ids.shape)
         if self._fail:
             raise RuntimeError("CUDA failure 2: out of memory")
-        return self._emb.run_tokens(ids, mask)
+        return self._emb.run_tokens(ids, mask, types)
 
     def __getattr__(self, name):
         return getattr(self._emb, name)
@@ -167,6 +167,19 @@ def test_cuda_warm_up_runs_the_largest_batch_first_and_times_second_runs(tiny_em
     runs = [(shape, len(list(group))) for shape, group in itertools.groupby(fake.shapes[1:])]
     assert len(runs) >= 8 and all(count >= 2 for _, count in runs), runs
     assert w.cost.predict(32, 32) > 0
+    # a batch shape's first run on CUDA leaves the cost model's scale alone; its second run moves it
+    async def two_runs():
+        loop = asyncio.get_running_loop()
+        scales = [w.cost.scale]
+        for _ in range(2):
+            job = _job(loop, 3, tiny_emb.dim)
+            w.submit(job, [(i, row, None) for i, row in enumerate(tiny_emb.tokenize(["一", "二三", "四五六"]).ids)])
+            w._run(0, w._take_batch(0))
+            scales.append(w.cost.scale)
+        return scales
+
+    before, after_first, after_second = asyncio.run(two_runs())
+    assert after_first == before and after_second != after_first
     with pytest.raises(WarmUpError, match="--max-batch-tokens"):
         _worker(_AsIfCuda(tiny_emb, fail=True)).warm_up()
 

@@ -140,6 +140,10 @@ class ModelWorker:
         self._queued_tokens = 0
         self._queued_sq = 0  # sum of squared lengths of the queued texts (attention's share of the cost)
         self.cost = BatchCost()
+        # on CUDA a batch shape's first run pays one-off costs (memory the arena grows by, kernel choices): it
+        # does not say what the next run of that shape will take, so it does not move the cost model
+        self._cuda = embedder.device == "cuda"
+        self._shapes_seen: set[tuple[int, int]] = set()
         self._workers = embedder.workers
         self._busy_until = [0.0] * self._workers  # per worker: monotonic time its running batch should end
         self._idle = self._workers
@@ -188,6 +192,7 @@ class ModelWorker:
             n, length = max(1, min(n, size, budget // max(length, 1))), min(length, L)
             ids = np.full((n, length), token[0], dtype=np.int64)
             mask = np.ones_like(ids)
+            self._shapes_seen.add((n, length))
             runs = (1 if n * length >= 1024 else 3) + (1 if cuda and i > 0 else 0)  # small: the fastest of 3
             times = [self._warm_run(ids, mask) for _ in range(runs)]
             elapsed = min(times[1:] if cuda and i > 0 else times)  # on CUDA a shape's first run is not timed
@@ -428,7 +433,11 @@ class ModelWorker:
                     it.job.finish()
             return
         elapsed = time.perf_counter() - t0
-        self.cost.observe(ids.shape[0], ids.shape[1], elapsed)
+        shape = (int(ids.shape[0]), int(ids.shape[1]))
+        if not self._cuda or shape in self._shapes_seen:
+            self.cost.observe(shape[0], shape[1], elapsed)
+        else:
+            self._shapes_seen.add(shape)
         self._m_infer_s.observe(elapsed)
         self._m_batch_texts.observe(len(batch))
         self._m_batch_tokens.observe(ids.size)
