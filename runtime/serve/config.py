@@ -130,7 +130,8 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtime.serve",
-        description="Embedding server (OpenAI- and TEI-compatible) over artifacts written by `python -m export`. "
+        description="Embedding and rerank server (OpenAI-, TEI- and Cohere-compatible) over artifacts written by "
+        "`python -m export`. "
         f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION> "
         f"(e.g. {ENV_PREFIX}PORT=9000, {ENV_PREFIX}MODEL='bge=DIR other=DIR2'); the command line wins.",
         formatter_class=_DefaultsFormatter,
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     env_models = os.environ.get(ENV_PREFIX + "MODEL", "")
     p.add_argument("--model", action="append", type=parse_model, default=None, metavar="NAME=DIR",
                    help="artifact directory to serve, as NAME=DIR or DIR (named after the directory); repeat for "
-                   f"several models; the first is the default for requests naming none [{ENV_PREFIX}MODEL: "
+                   f"several models; the first of each kind (embedder, reranker) is that kind's default for requests naming "
+                   f"none [{ENV_PREFIX}MODEL: "
                    "space-separated]")
     opt("--host", default="127.0.0.1", help="address to listen on")
     opt("--port", type=int, default=8080, help="port to listen on")
