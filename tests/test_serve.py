@@ -364,6 +364,46 @@ def test_latency_target_measures_the_budget(tiny_artifact, tmp_path):
         assert srv.stop() == 0, srv.log()
 
 
+def test_a_loop_running_behind_its_limit_refuses_at_once(tiny_artifact, tmp_path):
+    """The event loop's lateness is measured while requests arrive (bge_event_loop_lag_seconds, /info); with
+    --max-loop-lag, requests that arrive while it stays over the limit get 429 `overloaded` with Retry-After
+    before their body is read. Bursts of 100 concurrent requests keep the loop busy, so its timer runs late
+    by more than a 1 us limit while they last."""
+    srv = start_server(["--model", f"t={tiny_artifact}", "--max-loop-lag", "0.000001", "--cache-size", "0"], tmp_path)
+    try:
+        assert httpx.get(srv.url + "/info").json()["limits"]["max_loop_lag"] == 0.000001
+
+        async def bursts() -> list[httpx.Response]:
+            out = []
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=httpx.Limits(max_connections=100)) as c:
+                for k in range(5):
+                    out += await asyncio.gather(*(c.post("/v1/embeddings", json={"input": [f"第{k}-{i}个句子"]})
+                                                  for i in range(100)))
+            return out
+
+        responses = asyncio.run(bursts())
+        statuses = Counter(r.status_code for r in responses)
+        for r in responses:
+            if r.status_code == 429:
+                err = _check_error_body(r, 429, "overloaded")
+                assert r.headers["retry-after"] == "1" and "--max-loop-lag" in err["message"]
+        assert set(statuses) <= {200, 429} and statuses[429] >= 1, statuses
+        info = httpx.get(srv.url + "/info").json()["event_loop"]
+        assert info["shed_requests"] == statuses[429] == srv.metric("bge_loop_shed_requests_total")
+        assert httpx.get(srv.url + "/health").status_code == 200  # shedding is not unreadiness
+    finally:
+        assert srv.stop() == 0, srv.log()
+    # without the option nothing is refused for lag, and the lag is still measured and exported
+    srv = start_server(["--model", f"t={tiny_artifact}", "--cache-size", "0"], tmp_path)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert all(c.post("/v1/embeddings", json={"input": [f"第{i}个"]}).status_code == 200 for i in range(50))
+        assert httpx.get(srv.url + "/info").json()["limits"]["max_loop_lag"] is None
+        assert srv.metric("bge_event_loop_lag_seconds") >= 0 and srv.metric("bge_loop_shed_requests_total") == 0
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
 @pytest.fixture(scope="module")
 def deadline_server(minilm_artifact, tmp_path_factory):
     srv = start_server(["--model", f"m={minilm_artifact}", "--request-timeout", "0.5", "--cache-size", "0",

@@ -542,3 +542,32 @@ def test_default_layout_is_per_core_for_embedders_and_one_wide_worker_for_rerank
     explicit = ServeConfig(models=(ModelSpec("m", tmp_path),), workers=2, threads=1)
     assert explicit.layout("cpu", "reranker") == (2, 1)  # flags win for every kind
     assert ServeConfig(models=(ModelSpec("m", tmp_path),), threads=1).layout("cpu", "reranker") == (cores, 1)
+
+
+def test_loop_lag_is_the_least_lateness_of_the_last_ticks_and_sleeps_when_idle():
+    """One stall makes one tick late and is not lag; a loop with more work than time makes every tick late.
+    With no request for ``idle_s`` the timer stops (an idle server stays idle) and forgets what it saw."""
+    from runtime.serve.looplag import LoopLag
+
+    lag = LoopLag(window=4)
+    for late in (0.0, 0.5, 0.0, 0.0):
+        lag.observe(late)
+    assert lag.seconds == 0.0
+    for late in (0.03, 0.02, 0.05, 0.04):
+        lag.observe(late)
+    assert lag.seconds == 0.02
+
+    async def run() -> tuple[float, int, int]:
+        lag = LoopLag(tick_s=0.002, window=4, idle_s=0.05)
+        lag.start()
+        lag.request_seen()
+        await asyncio.sleep(0.03)
+        busy = len(lag._late)
+        await asyncio.sleep(0.15)  # past idle_s: parked, window cleared
+        parked = len(lag._late)
+        seconds = lag.seconds
+        await lag.stop()
+        return seconds, busy, parked
+
+    seconds, busy, parked = asyncio.run(run())
+    assert busy == 4 and parked == 0 and seconds == 0.0

@@ -32,6 +32,7 @@ from ..reranker import Reranker, sigmoid
 from ..providers import resolve_device
 from .cache import VectorCache
 from .config import ServeConfig
+from .looplag import LoopLag
 from .engine import Job, ModelWorker
 from .errors import ApiError, QueueFull, bad_request, too_large
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -97,6 +98,9 @@ class EmbeddingService:
         self.default_model = config.models[0].name
         self.tokenization = Tokenization(config.tokenizer_workers, config.queue_time_budget)
         self.on_fatal = on_fatal
+        self.loop_lag = LoopLag()
+        self.loop_shed = 0  # requests refused by check_loop (for /info; the metric counts them too)
+        self._loop_lag_limit = config.loop_lag_limit
         self._m_request_counters: dict[tuple[str, int], Any] = {}
         self._loader = threading.Thread(target=self._load_all, name="load-models", daemon=True)
 
@@ -154,6 +158,17 @@ class EmbeddingService:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key this "
                            "server was started with (--api-key)", type="authentication_error",
                            code="invalid_api_key")
+
+    def check_loop(self) -> None:
+        """Refuse at once, before the body is read, while the event loop runs behind (see looplag.py)."""
+        self.loop_lag.request_seen()  # the lag is measured (metric, /info) whether or not it sheds
+        limit = self._loop_lag_limit
+        if limit is not None and self.loop_lag.seconds > limit:
+            self.loop_shed += 1
+            self.metrics.loop_shed.inc()
+            raise ApiError(429, f"server is overloaded: it reads requests {self.loop_lag.seconds * 1000:.0f} ms late "
+                           f"(limit {limit * 1000:.0f} ms, --max-loop-lag); retry after 1 s or send to another replica",
+                           type="rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
 
     def check_ready(self) -> None:
         phase = self.state.phase
@@ -512,6 +527,7 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
                         svc.check_key(request)
                     if embedding:
                         svc.check_ready()
+                        svc.check_loop()
                     response = await handler(request, arrived)
                 except ApiError as err:
                     response = error_response(err)
@@ -637,10 +653,14 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
                                                   "request_timeout", "cache_size")}
         limits["max_queue_time"] = None if config.latency_target else config.queue_time_budget
         limits["latency_target"] = config.latency_target
-        return json_response({"version": __version__, "status": svc.state.phase, "models": out, "limits": limits})
+        limits["max_loop_lag"] = config.loop_lag_limit
+        loop = {"lag_seconds": svc.loop_lag.seconds, "shed_requests": svc.loop_shed}
+        return json_response({"version": __version__, "status": svc.state.phase, "models": out, "limits": limits,
+                              "event_loop": loop})
 
     @route("/metrics")
     async def metrics(request: Request, arrived: float) -> Response:
+        svc.metrics.loop_lag.set(svc.loop_lag.seconds)
         return Response(svc.metrics.render(), 200, media_type=CONTENT_TYPE_LATEST)
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -659,9 +679,11 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         svc.start_loading()
+        svc.loop_lag.start()
         try:
             yield
         finally:
+            await svc.loop_lag.stop()
             svc.close()
 
     app = _App(

@@ -51,6 +51,12 @@ class Metrics:
             "on the p99's tail (at most 0.5% of recent admissions).", ["model"], registry=r)
         self.shed_requests = Counter(
             "bge_shed_requests", "Requests refused with 429 because the queue was full.", ["model"], registry=r)
+        self.loop_lag = Gauge(
+            "bge_event_loop_lag_seconds", "How late the event loop runs (smoothed): what a request waits before the "
+            "server reads it; saturated when it stays up.", registry=r)
+        self.loop_shed = Counter(
+            "bge_loop_shed_requests", "Requests refused with 429 because the event loop ran behind --max-loop-lag.",
+            registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
