@@ -729,7 +729,7 @@ def reference_vectors(artifact: Path, threads: int) -> dict:
     has it) int8, to check each server."""
     import warnings
 
-    from runtime import Embedder
+    from runtime import Embedder, Manifest
 
     sts = datasets.sts_b_zh()
     documents = sts.first[:6] + datasets.sohu_passages()[:1] + datasets.sohu_long_documents()[:1]
@@ -737,8 +737,7 @@ def reference_vectors(artifact: Path, threads: int) -> dict:
     ref: dict = {"documents": documents, "queries": queries}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the long document is truncated, as by every server
-        manifest = Embedder(artifact, device="cpu", precision="fp32", threads=threads).manifest
-        ref["precisions"] = [p for p in ("fp32", "int8") if p in manifest.variants]
+        ref["precisions"] = [p for p in ("fp32", "int8") if p in Manifest.load(artifact).variants]
         for precision in ref["precisions"]:
             emb = Embedder(artifact, device="cpu", precision=precision, threads=threads)
             ref[f"document_{precision}"] = emb.embed(documents).astype(np.float64)

@@ -183,7 +183,7 @@ class ModelWorker:
         forms (its token budget at the longest length: every smaller batch then fits in memory the arena
         already holds), and every timed shape runs once untimed before it is timed."""
         L, size, budget = self._max_length, self._max_batch_size, self._max_batch_tokens
-        cuda = self.embedder.device == "cuda"
+        cuda = self._cuda
         token = self.embedder.tokenize(["样"]).ids[0][1:-1] or [self._pad_id]  # one ordinary token id
         first = (max(1, min(size, budget // max(L, 1))), L) if cuda else (1, L)
         shapes = [first, (1, L), (1, 8), (1, 32), (4, 32), (16, 32), (32, 32), (1, 128), (8, 128), (2, L)]
