@@ -27,34 +27,60 @@ QUERY_TOKENS = 36
 
 
 def model_alone(model_path: Path, workers: int, threads: int, spinning: bool, texts: int, seconds: float,
-                length: int = QUERY_TOKENS) -> dict:
-    """Texts/s of ``workers`` threads running one session (``threads`` intra-op threads) back to back."""
+                length: int = QUERY_TOKENS, rows: Sequence[Sequence[int]] | None = None, seed: int = 0) -> dict:
+    """Texts/s of ``workers`` threads running one session (``threads`` intra-op threads) back to back.
+
+    Without ``rows`` every run is ``texts`` texts of ``length`` tokens. With ``rows`` (token ids of real texts)
+    each run takes ``texts`` of them drawn at random and padded to the longest, as a server's batch is: a
+    workload's length spread (padding included) costs more than its median length does."""
     from runtime.providers import create_session
 
     session = create_session(model_path, "cpu", threads, spinning=spinning)
     names = {i.name for i in session.get_inputs()}
-    ids = np.full((texts, length), 1000, dtype=np.int64)
-    ids[:, 0], ids[:, -1] = 101, 102
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    feed = {k: v for k, v in feed.items() if k in names}
-    for _ in range(3):
+    if rows is None:
+        ids = np.full((texts, length), 1000, dtype=np.int64)
+        ids[:, 0], ids[:, -1] = 101, 102
+        batches = [(ids, np.ones_like(ids))]
+    else:
+        rng = np.random.default_rng(seed)
+        batches = [padded([rows[i] for i in rng.integers(0, len(rows), texts)]) for _ in range(512)]
+    feeds = []
+    for ids, mask in batches:
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        feeds.append({k: v for k, v in feed.items() if k in names})
+    for feed in feeds[:3]:
         session.run(None, feed)
     runs: list[float] = []
     lock = threading.Lock()
     end = time.perf_counter() + seconds
 
-    def loop() -> None:
+    def loop(first: int) -> None:
         mine = []
+        i = first
         while time.perf_counter() < end:
             t0 = time.perf_counter()
-            session.run(None, feed)
+            session.run(None, feeds[i % len(feeds)])
             mine.append(time.perf_counter() - t0)
+            i += 1
         with lock:
             runs.extend(mine)
 
-    wall = run_threads(loop, [()] * workers)
-    return {"workers": workers, "threads": threads, "spinning": spinning, "texts": texts,
-            "texts_per_s": len(runs) * texts / wall, "run_ms_p50": float(np.median(runs) * 1000)}
+    wall = run_threads(loop, [(k * len(feeds) // workers,) for k in range(workers)])
+    out = {"workers": workers, "threads": threads, "spinning": spinning, "texts": texts,
+           "texts_per_s": len(runs) * texts / wall, "run_ms_p50": float(np.median(runs) * 1000)}
+    if rows is not None:
+        out["mean_padded_tokens"] = float(np.mean([ids.shape[1] for ids, _ in batches]))
+    return out
+
+
+def padded(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token id rows padded to the longest, and their attention mask."""
+    ids = np.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return ids, mask
 
 
 def layouts(cores: int) -> list[tuple[int, int, bool]]:
