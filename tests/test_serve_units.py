@@ -434,9 +434,9 @@ def test_admission_uses_the_measured_budget(tiny_emb, monkeypatch):
 
 
 def test_over_budget_requests_spend_half_the_p99_tail(tiny_emb):
-    """With a latency target, a request estimated over the budget but within the target still goes in while,
-    counting it, at most 0.5% of the last minute's admissions did so; past the target, or with the allowance
-    spent, it is refused; a fixed --max-queue-time has no tail to spend."""
+    """With a latency target, a request estimated over the budget, up to 1.5x the target, still goes in while,
+    counting it, at most 0.5% of the last minute's admissions did so; past 1.5x the target, or with the
+    allowance spent, it is refused; a fixed --max-queue-time has no tail to spend."""
     from runtime.serve import budget as b
 
     fixed = b.QueueBudget(fixed=0.07)
@@ -445,8 +445,8 @@ def test_over_budget_requests_spend_half_the_p99_tail(tiny_emb):
     assert not q.admit_over_budget(0.09, 0.0)  # nothing admitted yet: no share to spend
     for i in range(199):
         q.admitted(i / 100)
-    assert not q.admit_over_budget(0.101, 2.0)  # past the target: late by the estimate itself
-    assert q.admit_over_budget(0.09, 2.0)  # 1 of 200
+    assert not q.admit_over_budget(0.151, 2.0)  # past 1.5x the target: a 429 lets the client go elsewhere
+    assert q.admit_over_budget(0.12, 2.0)  # 1 of 200, just past the target: the p99's tail
     q.admitted(2.0)
     assert not q.admit_over_budget(0.09, 2.0) and q.tail_admitted == 1  # 2 of 201: over 0.5%
     for _ in range(199):
