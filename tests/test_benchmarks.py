@@ -130,3 +130,21 @@ def test_m3_table_gives_ours_against_flagembedding_and_bge_m3_lite_at_the_same_p
     assert lines["ours-fp32 512 x 8 "].rstrip("| ").endswith("5.00x | 1.50x | 300 (75%)")
     assert lines["lite-int8 512 x 8 "].rstrip().endswith("| 4.00x |  | 240 (60%) |")
     assert "failed: killed" in lines["lite-int8 8192 x 1 "]
+
+
+def test_model_alone_on_drawn_texts_pads_each_run_to_its_longest(tiny_artifact):
+    """The serving benchmark's ceiling on a mix's own texts: runs of n drawn texts, padded to the longest, so a
+    spread of lengths costs what it costs a server (more padding in bigger runs), and the mask covers the rest."""
+    from benchmarks.layout import model_alone, padded
+    from runtime import Manifest
+
+    ids, mask = padded([[101, 7, 102], [101, 102]])
+    assert ids.tolist() == [[101, 7, 102], [101, 102, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    model = tiny_artifact / Manifest.load(tiny_artifact).variants["fp32"].model_file
+    rows = [[101] + [7] * n + [102] for n in (2, 4, 8, 30)]
+    one = model_alone(model, 1, 1, False, 1, 0.2, rows=rows)
+    four = model_alone(model, 2, 1, False, 4, 0.2, rows=rows)
+    assert one["texts_per_s"] > 0 and four["texts_per_s"] > 0 and four["workers"] == 2
+    assert 4 <= one["mean_padded_tokens"] < four["mean_padded_tokens"] <= 32
+    fixed = model_alone(model, 1, 1, False, 2, 0.2, length=9)
+    assert "mean_padded_tokens" not in fixed and fixed["texts"] == 2
