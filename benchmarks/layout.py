@@ -27,12 +27,14 @@ QUERY_TOKENS = 36
 
 
 def model_alone(model_path: Path, workers: int, threads: int, spinning: bool, texts: int, seconds: float,
-                length: int = QUERY_TOKENS, rows: Sequence[Sequence[int]] | None = None, seed: int = 0) -> dict:
+                length: int = QUERY_TOKENS, rows: Sequence[list[int]] | None = None, pad_id: int = 0) -> dict:
     """Texts/s of ``workers`` threads running one session (``threads`` intra-op threads) back to back.
 
     Without ``rows`` every run is ``texts`` texts of ``length`` tokens. With ``rows`` (token ids of real texts)
-    each run takes ``texts`` of them drawn at random and padded to the longest, as a server's batch is: a
-    workload's length spread (padding included) costs more than its median length does."""
+    each run takes ``texts`` of them drawn at random and padded to the longest with ``pad_id`` (the server's own
+    ``pad_batch``, as its batches are): a workload's length spread (padding included) costs more than its median
+    length does."""
+    from runtime.batching import pad_batch
     from runtime.providers import create_session
 
     session = create_session(model_path, "cpu", threads, spinning=spinning)
@@ -42,8 +44,8 @@ def model_alone(model_path: Path, workers: int, threads: int, spinning: bool, te
         ids[:, 0], ids[:, -1] = 101, 102
         batches = [(ids, np.ones_like(ids))]
     else:
-        rng = np.random.default_rng(seed)
-        batches = [padded([rows[i] for i in rng.integers(0, len(rows), texts)]) for _ in range(512)]
+        rng = np.random.default_rng(0)
+        batches = [pad_batch([rows[i] for i in rng.integers(0, len(rows), texts)], pad_id) for _ in range(512)]
     feeds = []
     for ids, mask in batches:
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
@@ -71,16 +73,6 @@ def model_alone(model_path: Path, workers: int, threads: int, spinning: bool, te
     if rows is not None:
         out["mean_padded_tokens"] = float(np.mean([ids.shape[1] for ids, _ in batches]))
     return out
-
-
-def padded(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token id rows padded to the longest, and their attention mask."""
-    ids = np.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
-        mask[i, :len(r)] = 1
-    return ids, mask
 
 
 def layouts(cores: int) -> list[tuple[int, int, bool]]:

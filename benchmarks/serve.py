@@ -1058,10 +1058,12 @@ def model_alone_figures(artifact: Path, layout: tuple[int, int], work: Workload,
     encoded = emb.tokenize([work.instruction + q for q in work.queries])
     length = int(np.median(encoded.lengths))
     model = artifact / emb.manifest.variants["int8"].model_file
+    pad_id = emb.manifest.pad_token_id
     del emb
     seconds = 1.0 if quick else 5.0
     rows = [model_alone(model, workers, threads, False, n, seconds, length) for n in (1, 2, 4)]
-    drawn = [model_alone(model, workers, threads, False, n, seconds, rows=encoded.ids) for n in (1, 2, 4)]
+    drawn = [model_alone(model, workers, threads, False, n, seconds, rows=encoded.ids, pad_id=pad_id)
+             for n in (1, 2, 4)]
     return {"workers": workers, "threads": threads, "tokens_per_text": length,
             "mean_tokens_per_text": float(encoded.lengths.mean()), "rows": rows,
             "mean_texts_per_s": float(np.mean([r["texts_per_s"] for r in rows])), "drawn_rows": drawn,

@@ -134,12 +134,10 @@ def test_m3_table_gives_ours_against_flagembedding_and_bge_m3_lite_at_the_same_p
 
 def test_model_alone_on_drawn_texts_pads_each_run_to_its_longest(tiny_artifact):
     """The serving benchmark's ceiling on a mix's own texts: runs of n drawn texts, padded to the longest, so a
-    spread of lengths costs what it costs a server (more padding in bigger runs), and the mask covers the rest."""
-    from benchmarks.layout import model_alone, padded
+    spread of lengths costs what it costs a server (more padding in bigger runs)."""
+    from benchmarks.layout import model_alone
     from runtime import Manifest
 
-    ids, mask = padded([[101, 7, 102], [101, 102]])
-    assert ids.tolist() == [[101, 7, 102], [101, 102, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
     model = tiny_artifact / Manifest.load(tiny_artifact).variants["fp32"].model_file
     rows = [[101] + [7] * n + [102] for n in (2, 4, 8, 30)]
     one = model_alone(model, 1, 1, False, 1, 0.2, rows=rows)
