@@ -610,6 +610,7 @@ async def admission_state(server: ServerProcess, session) -> dict | None:
     async with session.get(server.url + "/info", timeout=aiohttp.ClientTimeout(total=5)) as r:
         models = (await r.json())["models"]
     return {"tail_admitted": sum(m.get("tail_admitted_requests", 0) for m in models),
+            "lone_runs": sum(m.get("lone_runs", 0) for m in models),
             "queue_budget_s": [m.get("queue_budget_seconds") for m in models]}
 
 
@@ -631,6 +632,7 @@ async def run_step(server: ServerProcess, session, work: Workload, cfg: Config, 
     admission = await admission_state(server, session)
     if admission is not None and admission0 is not None:
         stats["tail_admitted"] = admission["tail_admitted"] - admission0["tail_admitted"]
+        stats["lone_runs"] = admission["lone_runs"] - admission0["lone_runs"]
         stats["queue_budget_s"] = admission["queue_budget_s"]
     server.sample_rss()
     return stats
@@ -642,6 +644,7 @@ def step_line(name: str, s: dict) -> str:
     return (f"[{name}] {s['offered_rps']:g} req/s: goodput {s['goodput_rps']:.1f}/s, p99 {p99} ms, "
             f"failures {fails}, client CPU {s['client_cpu_share']:.2f}, server CPU {s['server_cpu_share']:.2f}"
             + (f", over budget on the tail {s['tail_admitted']}" if "tail_admitted" in s else "")
+            + (f", lone lane runs {s['lone_runs']}" if s.get("lone_runs") else "")
             + f" -> {'ok' if s['sustained'] else 'FAIL'}")
 
 

@@ -262,14 +262,15 @@ class Embedder(ModelSession):
                 progress.close()
         return M3Output(dense=vectors, sparse=lexical, colbert=matrices)
 
-    def run_tokens_m3(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> M3Output:
+    def run_tokens_m3(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, lone: bool = False) -> M3Output:
         """One pre-tokenised, padded batch (right padding) as one run with all three bge-m3 outputs, per row;
-        for callers that batch themselves (the server)."""
+        for callers that batch themselves (the server). ``lone``: as in ``run_tokens``."""
         heads = self._manifest.m3
         if heads is None:
             raise ArtifactError(f"{self._root} has no sparse or ColBERT outputs (not a bge-m3 export)")
         ids, mask = self._checked_batch(input_ids, attention_mask)
-        dense, weights, cols = self._run_named(ids, mask, (self._output_name, heads.sparse_output, heads.colbert_output))
+        dense, weights, cols = self._run_named(ids, mask, (self._output_name, heads.sparse_output, heads.colbert_output),
+                                               lone=lone)
         self._check_output(dense, np.arange(len(ids)))
         lexical, matrices = self._per_row(ids, mask.sum(axis=1), weights, cols, np.arange(len(ids)))
         return M3Output(dense=dense, sparse=lexical, colbert=matrices)

@@ -93,7 +93,10 @@ class ModelSession:
             threads = max(1, usable_cores() // workers)
         self._workers = workers
         self._threads = threads
+        self._model_path = model_path
         self._session = create_session(model_path, self._device, threads, device_id, spinning=spinning)
+        self._lone: Any = None  # open_lone_session
+        self._lone_threads = 0
         self._input_names = [i.name for i in self._session.get_inputs()]
         unknown = set(self._input_names) - {"input_ids", "attention_mask", "token_type_ids"}
         if unknown:
@@ -192,6 +195,36 @@ class ModelSession:
         return self._threads
 
     @property
+    def lone_threads(self) -> int:
+        """Intra-op threads of the lone session (``open_lone_session``); 0 when there is none."""
+        return self._lone_threads
+
+    def open_lone_session(self, threads: int) -> None:
+        """Open a second session of the same graph on ``threads`` spinning intra-op threads, for callers that
+        schedule runs themselves (the server runs a batch that finds it idle there: ``run_tokens(lone=True)``).
+
+        Why a second session: a session's thread count is fixed when it is made, and the best layout under load
+        (one thread per run, several runs at once) is the slowest for a query alone (bge-small-zh INT8: 2.7 ms
+        on one thread, 1.5 ms on two spinning threads; bge-large-zh 54 vs 34 ms). Its threads spin for about
+        35 ms after a run, then sleep, so it costs no CPU when idle. It costs the model's memory again
+        (prepacked weights are per session: +36 MB for bge-small-zh INT8, +300 MB for bge-large-zh). The
+        outputs are the main session's bit for bit (the kernels split rows and columns across threads, never a
+        sum). CPU only."""
+        if self._device != "cpu":
+            raise ValueError(f"a lone session is for CPU runs; this model runs on {self._device}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 2:
+            raise ValueError(f"a lone session needs at least 2 threads (one thread is what a worker has), got {threads!r}")
+        self._lone = create_session(self._model_path, "cpu", threads, spinning=True)
+        self._lone_threads = threads
+
+    def _session_for(self, lone: bool) -> Any:
+        if not lone:
+            return self._session
+        if self._lone is None:
+            raise ValueError("lone=True needs open_lone_session() first")
+        return self._lone
+
+    @property
     def special_ids(self) -> tuple[list[int], list[int]]:
         """The special ids the tokenizer puts before and after every text ([CLS] and [SEP] for BERT): a
         token-id input that does not start and end with them was not made by this model's tokenizer."""
@@ -226,12 +259,13 @@ class ModelSession:
 
     # -- running -------------------------------------------------------------------------------
     def run_tokens(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None,
+        *, lone: bool = False,
     ) -> np.ndarray:
         """One pre-tokenised, padded batch (int64 ``[n, length]`` ids and 0/1 mask, and segment ids for a
         pair model whose graph reads them; zeros if not given) as one run: float32 ``[n, dim]``, checked. No
         batching, sorting or truncation happens here, so the caller owns ``length <= max_length`` and the
-        padding."""
+        padding. ``lone``: on the session ``open_lone_session`` opened."""
         ids, mask = self._checked_batch(input_ids, attention_mask)
         if ids.shape[0] == 0:
             return np.empty((0, self.dim), np.float32)
@@ -240,7 +274,7 @@ class ModelSession:
             types = np.ascontiguousarray(token_type_ids, dtype=np.int64)
             if types.shape != ids.shape:
                 raise ValueError(f"token_type_ids must have the shape of input_ids {ids.shape}, got {types.shape}")
-        out = self._run(ids, mask, types)
+        out = self._run(ids, mask, types, lone=lone)
         self._check_output(out, np.arange(len(ids)))
         return out
 
@@ -261,7 +295,8 @@ class ModelSession:
         return "token_type_ids" in self._input_names
 
     def _run(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None,
+        lone: bool = False,
     ) -> np.ndarray:
         """One graph run. On CPU a plain ``run`` (the output is a few kB; building an IO binding per run
         costs more Python than the copy it saves: measured 30 us of a 0.3 ms small-model run). Elsewhere with
@@ -271,8 +306,9 @@ class ModelSession:
         if "token_type_ids" in self._input_names:
             feed["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
         if not self._io_binding:
+            session = self._session_for(lone)
             with self._run_slots:
-                (raw,) = self._session.run(self._output_names, feed)
+                (raw,) = session.run(self._output_names, feed)
             raw = raw.reshape(input_ids.shape[0], self.dim)
             return raw if raw.dtype == np.float32 else raw.astype(np.float32)
         out = np.empty((input_ids.shape[0], self.dim), dtype=self._output_dtype)
@@ -285,12 +321,14 @@ class ModelSession:
             self._session.run_with_iobinding(binding)
         return out if out.dtype == np.float32 else out.astype(np.float32)
 
-    def _run_named(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+    def _run_named(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: tuple[str, ...],
+                   lone: bool = False) -> list[np.ndarray]:
         """One graph run fetching the outputs ``names`` (bge-m3's dense, sparse and ColBERT outputs), float32.
         onnxruntime allocates them: their shapes depend on the batch's length."""
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        session = self._session_for(lone)
         with self._run_slots:
-            outs = self._session.run(list(names), feed)
+            outs = session.run(list(names), feed)
         return [o if o.dtype == np.float32 else o.astype(np.float32) for o in outs]
 
     def _run_batches(

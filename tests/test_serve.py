@@ -19,6 +19,7 @@ import pytest
 from openai import OpenAI
 
 from runtime import Embedder
+from runtime.providers import usable_cores
 
 from .helpers import chinese_text
 from .serve_process import ROOT, start_server
@@ -147,6 +148,15 @@ def test_models_info_health(server, minilm_emb):
     assert info["minilm"]["provider"] == "CPUExecutionProvider"
     assert info["minilm"]["pooling"] == "mean" and info["tiny"]["query_instruction"]
     assert len(info["tiny"]["manifest_sha256"]) == 64
+    cores = usable_cores()
+    assert info["minilm"]["workers"] == cores and info["minilm"]["lone_threads"] == (min(cores, 4) if cores > 1 else 0)
+    if info["minilm"]["lone_threads"]:  # a lone query on an idle server takes the lone lane, with embed's vector
+        time.sleep(1.1)
+        r = httpx.post(server.url + "/v1/embeddings", json={"model": "minilm", "input": "a lone query", "encoding_format": "float"})
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], _embed(minilm_emb, ["a lone query"])[0], atol=1e-6)
+        after = {m["name"]: m for m in httpx.get(server.url + "/info").json()["models"]}["minilm"]
+        assert after["lone_runs"] == info["minilm"]["lone_runs"] + 1
+        assert server.metric("bge_lone_runs_total", model="minilm") == after["lone_runs"]
     h = httpx.get(server.url + "/health")
     assert h.status_code == 200 and h.json()["status"] == "ok"
 

@@ -15,7 +15,7 @@ from runtime import Embedder
 from runtime.serve.cache import VectorCache
 from runtime.serve.config import parse_args
 from runtime.serve.cost import PAD_FACTOR, BatchCost
-from runtime.serve.engine import QUERY_STREAM, Job, ModelWorker
+from runtime.serve.engine import LONE_MAX_BUSY, QUERY_STREAM, Job, ModelWorker
 from runtime.serve.errors import ApiError, QueueFull, WarmUpError
 from runtime.serve.metrics import Metrics
 from runtime.providers import usable_cores
@@ -143,7 +143,8 @@ class _AsIfCuda:
 
     device = "cuda"
 
-    def run_tokens(self, ids, mask, types=None):
+    def run_tokens(self, ids, mask, types=None, *, lone=False):
+        assert not lone, "no lone lane on CUDA"
         self.shapes.append(ids.shape)
         if self._fail:
             raise RuntimeError("CUDA failure 2: out of memory")
@@ -277,6 +278,59 @@ def test_one_worker_is_kept_for_short_texts_while_they_keep_arriving(tiny_artifa
         assert [len(it.ids) for it in w._take_batch(0)] == [len(long_row)]
 
     asyncio.run(run())
+
+
+def test_lone_lane_takes_a_batch_that_finds_every_worker_idle_at_low_load(minilm_artifact):
+    """A batch that is all the work there is, on an idle server whose last second was light, runs on the lone
+    session (several spinning threads); with other texts queued, another worker busy, or a busy last second it
+    runs on the workers' session. Its vectors are the workers' bit for bit, and its runs do not move the cost
+    model (admission prices one-thread runs)."""
+    emb = Embedder(minilm_artifact, spinning=False, workers=2)
+    rows = emb.tokenize(["a lone query about the weather", "another one", "a third"]).ids
+    with pytest.raises(ValueError, match="open_lone_session"):
+        emb.run_tokens(*_padded(rows[:1]), lone=True)
+    with pytest.raises(ValueError, match="at least 2 threads"):
+        emb.open_lone_session(1)
+    emb.open_lone_session(2)
+    assert emb.lone_threads == 2
+    for n in (1, 3):  # same numbers from either session (threads split rows and columns, never a sum)
+        np.testing.assert_array_equal(emb.run_tokens(*_padded(rows[:n]), lone=True), emb.run_tokens(*_padded(rows[:n])))
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        w = _worker(emb)
+        scale = w.cost.scale
+        job = _job(loop, 1, emb.dim)
+        w.submit(job, [(0, rows[0], None)])
+        batch = w._take_batch(0)
+        assert w._lone[0]  # alone, every worker idle, nothing begun in the last second
+        w._run(0, batch)
+        assert w.lone_runs == 1 and w.cost.scale == scale
+        w._lone[0] = False
+        for r in rows:  # three queued: the first taken leaves others queued
+            w.submit(_job(loop, 1, emb.dim), [(0, r, None)])
+        w._take_batch(0)
+        assert not w._lone[0]
+        w._pending.clear()
+        w._queued_tokens = w._queued_sq = 0
+        w._idle = 1  # another worker runs a batch
+        w.submit(_job(loop, 1, emb.dim), [(0, rows[1], None)])
+        w._take_batch(1)
+        assert not w._lone[1]
+        w._idle = 2
+        w._recent.append((time.monotonic(), LONE_MAX_BUSY * 2 + 0.01))  # the last second: past the limit
+        w._recent_s += LONE_MAX_BUSY * 2 + 0.01
+        w.submit(_job(loop, 1, emb.dim), [(0, rows[2], None)])
+        w._take_batch(0)
+        assert not w._lone[0]
+
+    asyncio.run(run())
+
+
+def _padded(rows):
+    from runtime.batching import pad_batch
+
+    return pad_batch(rows, 0, 1, 512)
 
 
 def test_no_batch_outlasts_a_quarter_of_the_budget(tiny_emb):
@@ -542,6 +596,19 @@ def test_default_layout_is_per_core_for_embedders_and_one_wide_worker_for_rerank
     explicit = ServeConfig(models=(ModelSpec("m", tmp_path),), workers=2, threads=1)
     assert explicit.layout("cpu", "reranker") == (2, 1)  # flags win for every kind
     assert ServeConfig(models=(ModelSpec("m", tmp_path),), threads=1).layout("cpu", "reranker") == (cores, 1)
+
+
+def test_lone_lane_is_on_by_default_where_workers_have_fewer_threads_than_the_cores(tmp_path):
+    from runtime.serve.config import LONE_MAX_THREADS, ModelSpec, ServeConfig
+
+    cores = usable_cores()
+    cfg = ServeConfig(models=(ModelSpec("m", tmp_path),))
+    assert cfg.lone_lane("cpu", 1) == (min(cores, LONE_MAX_THREADS) if cores > 1 else 0)
+    assert cfg.lone_lane("cpu", cores) == 0  # a worker already runs on every core (rerankers' default)
+    assert cfg.lone_lane("cuda", 1) == 0
+    for flag, lone in ((0, 0), (1, 0), (3, 3)):
+        assert ServeConfig(models=(ModelSpec("m", tmp_path),), lone_threads=flag).lone_lane("cpu", 1) == lone
+    assert parse_args(["--model", str(tmp_path), "--lone-threads", "0"]).lone_threads == 0
 
 
 def test_loop_lag_is_the_least_lateness_of_the_last_ticks_and_sleeps_when_idle():

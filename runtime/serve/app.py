@@ -118,6 +118,9 @@ class EmbeddingService:
                 model_class = Reranker if kind == "reranker" else Embedder
                 emb = model_class(spec.path, device=cfg.device, precision=cfg.precision, threads=threads,
                                   max_batch_tokens=cfg.max_batch_tokens, spinning=cfg.spinning, workers=workers)
+                lone = cfg.lone_lane(emb.device, threads)
+                if lone:
+                    emb.open_lone_session(lone)
                 worker = ModelWorker(spec.name, emb, self.cache, self.metrics, max_batch_size=cfg.batch_size,
                                      max_queue_time=None if cfg.latency_target else cfg.queue_time_budget,
                                      max_queue_tokens=cfg.max_queue_tokens, latency_target=cfg.latency_target)
@@ -127,10 +130,11 @@ class EmbeddingService:
                 worker.start()
                 self.digests[spec.name] = hashlib.sha256((spec.path / MANIFEST_NAME).read_bytes()).hexdigest()
                 self.workers[spec.name] = worker
-                log.info("%s %r ready: %s, %s on %s, %d worker(s) x %s thread(s), dim %d, max length %d, "
-                         "warm-up %.2f s, one text of 32 tokens %.1f ms, 32 of 32 %.1f ms", kind, spec.name, spec.path,
-                         emb.precision, emb.providers[0], workers, threads or "auto", emb.dim, emb.max_length, time.perf_counter() - t0, worker.cost.predict(1, 32) * 1e3,
-                         worker.cost.predict(32, 32) * 1e3)
+                log.info("%s %r ready: %s, %s on %s, %d worker(s) x %s thread(s), lone lane %s, dim %d, max length "
+                         "%d, warm-up %.2f s, one text of 32 tokens %.1f ms, 32 of 32 %.1f ms", kind, spec.name,
+                         spec.path, emb.precision, emb.providers[0], workers, threads or "auto",
+                         f"{lone} threads" if lone else "off", emb.dim, emb.max_length, time.perf_counter() - t0,
+                         worker.cost.predict(1, 32) * 1e3, worker.cost.predict(32, 32) * 1e3)
         except (EmbedderError, OSError, ValueError) as exc:
             self.state.phase = "failed"
             self.state.detail = f"cannot load models: {exc}"
@@ -637,7 +641,8 @@ def create_app(config: ServeConfig, on_fatal: Callable[[str], None] | None = Non
             e, m = w.embedder, w.embedder.manifest
             out.append({
                 "name": name, "kind": m.kind, "dimension": e.dim, "max_length": e.max_length, "precision": e.precision,
-                "device": e.device, "provider": e.providers[0], "workers": e.workers, "threads": e.threads, "pooling": m.pooling, "normalize": m.normalize,
+                "device": e.device, "provider": e.providers[0], "workers": e.workers, "threads": e.threads,
+                "lone_threads": e.lone_threads, "lone_runs": w.lone_runs, "pooling": m.pooling, "normalize": m.normalize,
                 "query_instruction": m.query_instruction, "source_model": m.source.model,
                 "source_revision": m.source.revision, "random_weights": m.source.random_weights,
                 "manifest_sha256": svc.digests[name],

@@ -19,6 +19,13 @@ ends. While queries keep arriving (requests of short texts only, at least ``QUER
 second), long batches (a text over ``LONG_TOKENS``) run on at most K - 1 workers at once, so a query finds a
 worker within the time of a short run, not of a 512-token one. A request that mixes short and long texts does not count: keeping a worker from
 its own long texts would only make it later.
+
+The lone lane (``ModelSession.open_lone_session``): a batch that is all the work there is (every worker idle,
+nothing else queued) while the work begun in the last second fills at most ``LONE_MAX_BUSY`` of the workers
+runs on the model's second session, whose threads span several cores and spin between runs: a query alone
+then takes the latency of every core instead of one, at low load, where the cores are free. Under load batches
+run on the workers' one-thread session, which gets the most texts per second from the cores; the lane's
+threads stop spinning ~35 ms after its last run, so an idle server uses no CPU.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ QUERY_STREAM = 5  # ... while at least this many requests of short texts only ar
 _QUERY_WINDOW_S = 1.0
 SHED_LOG_EVERY_S = 10.0  # at most one log line about refused requests per model this often
 MAX_RUN_SHARE = 0.25  # a batch may take at most this share of the queue-time budget (by the cost model)
+LONE_MAX_BUSY = 0.2  # the lone lane runs while the work begun in the last second fills at most this share of the workers
+_LOAD_WINDOW_S = 1.0
 
 
 
@@ -149,6 +158,11 @@ class ModelWorker:
         self._idle = self._workers
         self._queries: deque[float] = deque()  # arrival times of requests of short texts only, last second
         self._long = [False] * self._workers  # per worker: is its running batch long?
+        self._lone_threads = 0 if self._cuda else embedder.lone_threads
+        self._lone = [False] * self._workers  # per worker: does its running batch run on the lone lane?
+        self._recent: deque[tuple[float, float]] = deque()  # (start, cost-model seconds) of batches, last second
+        self._recent_s = 0.0
+        self.lone_runs = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._threads = [threading.Thread(target=self._loop, args=(k,), name=f"infer-{name}-{k}", daemon=True)
@@ -164,6 +178,7 @@ class ModelWorker:
         self._m_dropped = {r: m.dropped_texts.labels(name, r) for r in ("deadline", "disconnected", "failed")}
         self._m_shed = m.shed_requests.labels(name)
         self._m_busy = m.busy_workers.labels(name)
+        self._m_lone = m.lone_runs.labels(name)
         self._shed_logged, self._shed_since_log = -SHED_LOG_EVERY_S, 0
         self._m_budget = m.queue_budget.labels(name)
         self._m_tail = m.tail_admitted.labels(name)
@@ -199,13 +214,17 @@ class ModelWorker:
             if i > 0:
                 samples.append((n, length, elapsed))
         self.cost.fit(samples)
+        if self._lone_threads:  # the lane's session pays its first-run costs here, not on a user's query
+            for n, length in ((1, L), (1, 32), (1, 32)):
+                ids = np.full((n, length), token[0], dtype=np.int64)
+                self._warm_run(ids, np.ones_like(ids), lone=True)
 
-    def _warm_run(self, ids: np.ndarray, mask: np.ndarray) -> float:
+    def _warm_run(self, ids: np.ndarray, mask: np.ndarray, lone: bool = False) -> float:
         """One timed warm-up run; a failure names the batch and what to change (TEI's warm-up, which also runs
         the largest batch first, fails the same way: at start-up rather than under load)."""
         t0 = time.perf_counter()
         try:
-            self.embedder.run_tokens(ids, mask)
+            self.embedder.run_tokens(ids, mask, lone=lone)
         except EmbedderError:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types (out of device memory among them)
@@ -348,6 +367,7 @@ class ModelWorker:
                         self._idle += 1
                         self._busy_until[k] = 0.0
                         self._long[k] = False
+                        self._lone[k] = False
                         self._m_busy.set(self._workers - self._idle)
                         self._cond.notify_all()  # a worker kept free of long batches may take one now
 
@@ -403,11 +423,28 @@ class ModelWorker:
         self._pending = rest
         self._queued_tokens -= sum(len(it.ids) for it in chosen)
         self._queued_sq -= sum(len(it.ids) ** 2 for it in chosen)
-        self._busy_until[k] = now + self.cost.predict(len(chosen), longest)
+        predicted = self.cost.predict(len(chosen), longest)
+        self._busy_until[k] = now + predicted
         self._long[k] = longest > LONG_TOKENS
+        self._lone[k] = self._lone_fits(now, bool(rest))
+        self._recent.append((now, predicted))
+        self._recent_s += predicted
         self._m_queue_texts.set(len(rest))
         self._m_queue_tokens.set(self._queued_tokens)
         return chosen
+
+    def _lone_fits(self, now: float, others_queued: bool) -> bool:
+        """Under the lock, before this worker counts as busy: does its batch go to the lone lane? Only when it
+        is all the work there is and the work begun in the last second (by the cost model, one thread a run)
+        fills at most LONE_MAX_BUSY of the workers: past that a spinning lane would take the cores the
+        workers need."""
+        while self._recent and now - self._recent[0][0] > _LOAD_WINDOW_S:
+            self._recent_s -= self._recent.popleft()[1]
+        if not self._recent:
+            self._recent_s = 0.0  # no float drift across idle periods
+        if not self._lone_threads or others_queued or self._idle < self._workers:
+            return False
+        return self._recent_s <= LONE_MAX_BUSY * self._workers * _LOAD_WINDOW_S
 
     def _run(self, k: int, batch: list[Item]) -> None:
         ids, mask = pad_batch([it.ids for it in batch], self._pad_id, self._pad_multiple, self._max_length)
@@ -419,12 +456,13 @@ class ModelWorker:
         # a batch holding any bge-m3 request fetches the sparse and ColBERT outputs for all its rows (one run;
         # the other rows just ignore them)
         heads = any(it.job.heads for it in batch)
+        lone = self._lone[k]
         try:
             if heads:
-                out = self.embedder.run_tokens_m3(ids, mask)  # type: ignore[attr-defined]
+                out = self.embedder.run_tokens_m3(ids, mask, lone=lone)  # type: ignore[attr-defined]
                 vectors = out.dense
             else:
-                vectors = self.embedder.run_tokens(ids, mask, types)
+                vectors = self.embedder.run_tokens(ids, mask, types, lone=lone)
         except EmbedderError as exc:  # e.g. a non-finite vector: fail these requests, keep serving
             log.error("model %s: batch of %d failed: %s", self.name, len(batch), exc)
             for it in batch:
@@ -434,7 +472,10 @@ class ModelWorker:
             return
         elapsed = time.perf_counter() - t0
         shape = (int(ids.shape[0]), int(ids.shape[1]))
-        if not self._cuda or shape in self._shapes_seen:
+        if lone:  # faster than the workers' runs the cost model prices (admission counts on those)
+            self.lone_runs += 1
+            self._m_lone.inc()
+        elif not self._cuda or shape in self._shapes_seen:
             self.cost.observe(shape[0], shape[1], elapsed)
         else:
             self._shapes_seen.add(shape)

@@ -43,12 +43,15 @@ class Metrics:
             "bge_busy_workers", "Inference workers running a batch now (saturated when it stays at "
             "bge_workers).", ["model"], registry=r)
         self.workers = Gauge("bge_workers", "Inference workers of the model.", ["model"], registry=r)
+        self.lone_runs = Counter(
+            "bge_lone_runs", "Batches run on the lone lane (every worker idle, low load: the model's second "
+            "session, on several spinning threads).", ["model"], registry=r)
         self.queue_budget = Gauge(
             "bge_queue_budget_seconds", "Predicted completion time admission accepts (--max-queue-time, or "
             "--latency-target less the overshoot measured on recent requests).", ["model"], registry=r)
         self.tail_admitted = Counter(
-            "bge_tail_admitted_requests", "Requests admitted over the queue budget but within --latency-target, "
-            "on the p99's tail (at most 0.5% of recent admissions).", ["model"], registry=r)
+            "bge_tail_admitted_requests", "Requests admitted over the queue budget, estimated at most 1.5x "
+            "--latency-target, on the p99's tail (at most 0.5% of recent admissions).", ["model"], registry=r)
         self.shed_requests = Counter(
             "bge_shed_requests", "Requests refused with 429 because the queue was full.", ["model"], registry=r)
         self.loop_lag = Gauge(
